@@ -1,0 +1,1 @@
+"""Diagonal Fisher importance of the source model on instruction data (`make fisher`)."""
