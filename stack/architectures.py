@@ -133,3 +133,11 @@ def architecture_for(model_type: str | None, model_name: str) -> Architecture:
         f"Supported model_types: {', '.join(supported)}. To add one, add a row to stack/architectures.py "
         "and a tiny-model test."
     )
+
+
+def architecture_named(name: str) -> Architecture:
+    """The row called `name` (as recorded in stack.json's "architecture")."""
+    for arch in ARCHITECTURES:
+        if arch.name == name:
+            return arch
+    raise UnsupportedArchitectureError(f"unknown architecture {name!r}; known: {[a.name for a in ARCHITECTURES]}")

@@ -204,7 +204,7 @@ def _plan_slots(
             f"{arch.name} requires the last layer to be {arch.last_layer_type}. End the last slice just after a "
             f"{arch.last_layer_type} layer: its stop must be one of {[j + 1 for j in good]}"
         )
-    consumer = [kv_modes[j] == "reuse" for j in source_layers]
+    consumer = [arch.kv_sharing is not None and kv_modes[j] == "reuse" for j in source_layers]
     first_shared = len(source_layers) - _trailing_true(consumer)
     producers = _producers(types, first_shared, source_layers) if arch.kv_sharing else {}
     seam_slots = {seam.slot for seam in _seams(source_layers)}
@@ -379,15 +379,6 @@ def check_against_transformers(plan: StackPlan) -> None:
     import transformers
 
     config = _transformers_config(plan.config)
-    text = config.get_text_config()
-    if getattr(text, "layer_types", None) is not None:
-        planned = [slot.attention_type for slot in plan.slots]
-        if list(text.layer_types) != planned:
-            raise PlanError(f"internal: transformers reads layer_types {text.layer_types}, the plan has {planned}")
-    if hasattr(text, "kv_sharing_modes"):
-        planned_modes = [{"reuse": "reuse", "producer": "store"}.get(slot.kv_role) for slot in plan.slots]
-        if list(text.kv_sharing_modes) != planned_modes:
-            raise PlanError(f"internal: transformers reads kv_sharing_modes {text.kv_sharing_modes}, the plan has {planned_modes}")
     architectures = plan.config.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     with torch.device("meta"):
@@ -407,3 +398,16 @@ def check_against_transformers(plan: StackPlan) -> None:
             f"the planned stack of {plan.source_model!r} would not load cleanly in {type(model).__name__} "
             f"({len(problems)} problem(s)): " + "; ".join(problems[:8])
         )
+    _check_runtime_roles(plan, config.get_text_config())
+
+
+def _check_runtime_roles(plan: StackPlan, text) -> None:
+    """The attention type and KV role transformers will give each slot are the ones planned."""
+    if getattr(text, "layer_types", None) is not None:
+        planned = [slot.attention_type for slot in plan.slots]
+        if list(text.layer_types) != planned:
+            raise PlanError(f"transformers reads layer_types {list(text.layer_types)} from the planned config; the plan has {planned}")
+    if hasattr(text, "kv_sharing_modes"):
+        planned_modes = [{"reuse": "reuse", "producer": "store"}.get(slot.kv_role) for slot in plan.slots]
+        if list(text.kv_sharing_modes) != planned_modes:
+            raise PlanError(f"transformers reads kv_sharing_modes {text.kv_sharing_modes} from the planned config; the plan has {planned_modes}")

@@ -17,6 +17,10 @@ def parameter_breakdown(plan: StackPlan) -> list[tuple[str, int]]:
     return [(label, count) for label, count in counts.items() if count]
 
 
+def _count(parameters: int) -> str:
+    return f"{parameters / 1e9:.3f}B" if parameters >= 1e9 else f"{parameters / 1e6:.3f}M"
+
+
 def format_plan(plan: StackPlan) -> str:
     lines = [
         f"stack plan: {plan.source_model} ({plan.architecture.name}, {plan.source_num_layers} layers) -> "
@@ -34,8 +38,8 @@ def format_plan(plan: StackPlan) -> str:
     lines.append("KV grafts: " + (", ".join(f"slot {s.index} (L{s.source_layer}) <- k/v of L{s.kv_graft_from}" for s in grafts) or "none"))
     lines.append("")
     total = sum(math.prod(t.shape) for t in plan.tensors)
-    lines.append(f"parameters: {total / 1e9:.3f}B")
+    lines.append(f"parameters: {_count(total)}")
     for label, count in parameter_breakdown(plan):
-        lines.append(f"  {label:<22} {count / 1e9:8.3f}B  {100 * count / total:5.1f}%")
+        lines.append(f"  {label:<22} {_count(count):>9}  {100 * count / total:5.1f}%")
     lines.append(f"output: {plan.total_bytes / 1e9:.3f} GB in {len(plan.shards)} shard(s), {len(plan.tensors)} tensors")
     return "\n".join(lines)

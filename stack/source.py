@@ -68,6 +68,18 @@ def open_source(model: str) -> SourceCheckpoint:
     return SourceCheckpoint(model, directory, json.loads(config_path.read_text()), tensors, tuple(shards))
 
 
+def check_data_present(source: SourceCheckpoint) -> None:
+    """Every tensor's bytes lie inside its shard (a stat per shard; no data is read)."""
+    for shard in source.shards:
+        size = shard.stat().st_size
+        for info in source.tensors.values():
+            if info.path == shard and info.offset + info.nbytes > size:
+                raise SourceError(
+                    f"shard {shard} of model {source.model!r} is truncated: tensor {info.name!r} ends at byte "
+                    f"{info.offset + info.nbytes}, the file has {size}. Re-download the model"
+                )
+
+
 def resolve_source(model: str) -> Path:
     """A local folder as-is; otherwise a hub id, downloaded or taken from the local HF cache."""
     path = Path(model).expanduser()

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .manifest import MANIFEST_NAME, manifest_from_plan
 from .plan import Copy, GatherBlocks, OutputTensor, StackPlan
-from .source import DTYPE_BYTES, SourceCheckpoint, copy_source_files, sha256_file
+from .source import DTYPE_BYTES, SourceCheckpoint, SourceError, check_data_present, copy_source_files, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ CHUNK_BYTES = 64 << 20  # source bytes per row block of a GatherBlocks along an 
 def write_stack(plan: StackPlan, source: SourceCheckpoint, out_dir: Path, force: bool = False) -> None:
     out_dir = Path(out_dir)
     check_output_dir(out_dir, source, force)
+    check_data_present(source)
     with _staging_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
         # Hash the source shards on a second thread while the first writes (hashlib releases the GIL).
         digests = {shard.name: hasher.submit(sha256_file, shard) for shard in source.shards}
@@ -137,14 +138,14 @@ def _copy_range(path: Path, offset: int, length: int, out) -> None:
             while length:
                 sent = os.copy_file_range(src.fileno(), out.fileno(), length, offset)
                 if sent == 0:
-                    raise EOFError(f"{path} ended before byte {offset + length}")
+                    raise SourceError(f"{path} ended before byte {offset + length}; the shard is truncated")
                 offset += sent
                 length -= sent
         except OSError:  # e.g. EXDEV on old kernels, or a filesystem without support: plain reads
             while length:
                 chunk = os.pread(src.fileno(), min(length, CHUNK_BYTES), offset)
                 if not chunk:
-                    raise EOFError(f"{path} ended before byte {offset + length}") from None
+                    raise SourceError(f"{path} ended before byte {offset + length}; the shard is truncated") from None
                 out.write(chunk)
                 offset += len(chunk)
                 length -= len(chunk)
@@ -177,7 +178,7 @@ def _gather_blocks(op: GatherBlocks, out) -> None:
             raw = bytearray(rows * row_bytes)
             f.seek(src.offset + row * row_bytes)
             if f.readinto(raw) != len(raw):
-                raise EOFError(f"{src.path} ended inside tensor {src.name}")
+                raise SourceError(f"{src.path} ended inside tensor {src.name}; the shard is truncated")
             blocks = torch.frombuffer(raw, dtype=torch.uint8).view(rows, num_blocks, block_bytes)
             out.write(blocks.index_select(1, indices).numpy().data)  # [rows, L', block_bytes], contiguous
 

@@ -1,0 +1,71 @@
+"""Reading tiny checkpoints back in tests, independently of the stacker's own reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def load_config(directory: Path) -> dict:
+    return json.loads((Path(directory) / "config.json").read_text())
+
+
+def loading_info(directory: Path, model_class=None):
+    """Load with transformers and return (model, info) where info lists missing/unexpected/mismatched keys."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = (model_class or AutoModelForCausalLM).from_pretrained(directory, output_loading_info=True)
+    return model.eval(), info
+
+
+def assert_loads_clean(directory: Path, model_class=None):
+    model, info = loading_info(directory, model_class)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set(), info
+    assert info["mismatched_keys"] == set() and info["error_msgs"] == [], info
+    # transformers ignores some unexpected keys silently (KV tensors of shared layers): compare the files too.
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    expected = {name for name in model.state_dict() if name not in tied}
+    assert set(load_tensors(directory)) == expected
+    return model
+
+
+def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def write_header_only_checkpoint(directory: Path, config) -> Path:
+    """A checkpoint whose shard holds a valid safetensors header and no tensor data at all.
+
+    Names and shapes are those transformers would save for `config` (built on the meta device), in bf16.
+    Planning and --dry-run must work on it; anything that reads tensor data must fail.
+    """
+    import struct
+
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    header, offset = {}, 0
+    for name, tensor in model.state_dict().items():
+        if name not in tied:
+            nbytes = tensor.numel() * 2
+            header[name] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+    body = json.dumps(header).encode()
+    (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(body)) + body)
+    config.save_pretrained(directory)
+    return directory

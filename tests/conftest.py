@@ -1,0 +1,53 @@
+"""Session fixtures: tiny random models built with transformers at test time (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach the hub
+
+from stack.__main__ import main as stack_main  # noqa: E402
+from stack.tiny import save_tiny_decoder, save_tiny_gemma4  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_RECIPE = REPO / "recipes" / "e6b.yaml"
+
+# The card's mapping (../shared/seed-model-card.txt), written out independently of the recipe parser.
+SEED_SOURCE_LAYERS = list(range(0, 18)) + list(range(10, 26)) + list(range(18, 34)) + list(range(26, 42))
+
+
+def write_recipe(path: Path, layer_ranges: list[tuple[int, int]], model: str = "tiny", **stack_options) -> Path:
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": model, "layer_range": list(r)}]} for r in layer_ranges],
+    }
+    if stack_options:
+        recipe["stack"] = stack_options
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_stack(recipe: Path, source: Path, out: Path, *flags: str) -> int:
+    return stack_main([str(recipe), "--source", str(source), "--out", str(out), *flags])
+
+
+@pytest.fixture(scope="session")
+def tiny_e4b(tmp_path_factory) -> Path:
+    return save_tiny_gemma4(tmp_path_factory.mktemp("tiny-e4b"))
+
+
+@pytest.fixture(scope="session")
+def tiny_e6b(tiny_e4b, tmp_path_factory) -> Path:
+    """The seed recipe (recipes/e6b.yaml) applied to the tiny E4B."""
+    out = tmp_path_factory.mktemp("stacks") / "e6b"
+    assert run_stack(SEED_RECIPE, tiny_e4b, out) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama", num_hidden_layers=6)

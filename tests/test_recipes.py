@@ -1,0 +1,102 @@
+"""Every stack recipe in recipes/ loads and validates; bad recipes fail with the key they got wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stack.recipe import RecipeError, load_recipe, parse_recipe, parse_size
+
+from .conftest import REPO, SEED_SOURCE_LAYERS
+
+STACK_RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if "slices" in yaml.safe_load(p.read_text()))
+
+
+def test_there_are_stack_recipes():
+    assert [p.name for p in STACK_RECIPES] == ["e6b.yaml"]
+
+
+@pytest.mark.parametrize("path", STACK_RECIPES, ids=lambda p: p.name)
+def test_every_stack_recipe_loads(path: Path):
+    recipe = load_recipe(path)
+    assert recipe.slices and all(spec.layers for spec in recipe.slices)
+
+
+def test_seed_recipe_is_the_cards_topology():
+    recipe = load_recipe(REPO / "recipes" / "e6b.yaml")
+    assert recipe.model == "google/gemma-4-E4B-it"
+    assert recipe.source_layers == SEED_SOURCE_LAYERS
+    assert len(recipe.source_layers) == 66
+    assert recipe.options.kv_graft_source == "producer"
+    assert recipe.options.max_shard_bytes == 5 * 10**9
+
+
+MERGEKIT_YAML = """
+slices:
+  - sources:
+      - model: meta-llama/Llama-3.2-1B
+        layer_range: [0, 12]
+  - sources:
+      - model: meta-llama/Llama-3.2-1B
+        layer_range: [4, 16]
+merge_method: passthrough
+dtype: bfloat16
+"""
+
+
+def test_mergekit_passthrough_yaml_is_accepted_as_is():
+    recipe = parse_recipe(yaml.safe_load(MERGEKIT_YAML))
+    assert recipe.source_layers == list(range(0, 12)) + list(range(4, 16))
+    assert recipe.dtype == "bfloat16"
+
+
+def test_source_override_replaces_every_slice_model():
+    recipe = parse_recipe(yaml.safe_load(MERGEKIT_YAML), source_override="/models/llama")
+    assert {spec.model for spec in recipe.slices} == {"/models/llama"}
+
+
+def _recipe(**changes):
+    base = yaml.safe_load(MERGEKIT_YAML)
+    base.update(changes)
+    return base
+
+
+def _slice(layer_range, **extra):
+    return {"sources": [{"model": "m", "layer_range": layer_range, **extra}]}
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (_recipe(slicez=[]), "unknown key(s) ['slicez']"),
+        (_recipe(merge_method="slerp"), "merge_method 'slerp' is not supported"),
+        (_recipe(slices=[]), "'slices' is empty"),
+        (_recipe(slices=[_slice([5, 5])]), "slices[0]: layer_range [5, 5) is empty"),
+        (_recipe(slices=[_slice([0, 4]), _slice([6, 2])]), "slices[1]: layer_range [6, 2) is empty"),
+        (_recipe(slices=[_slice([-1, 2])]), "slices[0]: layer_range [-1, 2) is empty or negative"),
+        (_recipe(slices=[_slice([0, "4"])]), "slices[0].sources[0].layer_range must be two integers"),
+        (_recipe(slices=[_slice([0, 4], parameters={"scale": 0.5})]), "slices[0].sources[0].parameters is not supported"),
+        (_recipe(slices=[_slice([0, 4], weight=1)]), "slices[0].sources[0]: unknown key(s) ['weight']"),
+        (_recipe(slices=[_slice([0, 4]), {"sources": [{"model": "other", "layer_range": [0, 2]}]}]), "slices name several models"),
+        (_recipe(stack={"max_shard_size": "lots"}), "stack.max_shard_size 'lots' is not a size"),
+        (_recipe(stack={"kv_graft_source": "nearest"}), "stack.kv_graft_source 'nearest' must be one of"),
+        (_recipe(stack={"shard": "5GB"}), "unknown stack option(s) ['shard']"),
+        (_recipe(base_model="another/model"), "base_model 'another/model' differs"),
+    ],
+)
+def test_bad_recipes_name_what_is_wrong(raw, message):
+    with pytest.raises(RecipeError) as error:
+        parse_recipe(raw)
+    assert message in str(error.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text, expected", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), (1234, 1234), ("1.5GB", 1_500_000_000)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected

@@ -1,0 +1,44 @@
+"""`python -m stack.verify` accepts a correct stack and names the tensor of a corrupted one."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from stack.source import open_source, read_safetensors_header
+from stack.verify import VerifyError, main, verify_tensors
+
+
+def test_a_correct_stack_verifies(tiny_e4b, tiny_e6b):
+    assert verify_tensors(tiny_e6b, open_source(str(tiny_e4b))) == 1135
+    assert main([str(tiny_e6b), "--source", str(tiny_e4b)]) == 0
+
+
+def flip_byte(directory, name, byte_offset=0):
+    shard = next(directory.glob("*.safetensors"))
+    info = read_safetensors_header(shard)[name]
+    with open(shard, "r+b") as f:
+        f.seek(info.offset + byte_offset)
+        value = f.read(1)[0]
+        f.seek(info.offset + byte_offset)
+        f.write(bytes([value ^ 0x01]))
+
+
+@pytest.mark.parametrize(
+    "name, byte_offset, message",
+    [
+        ("model.language_model.layers.20.mlp.down_proj.weight", 6, "layers.20.mlp.down_proj.weight vs source model.language_model.layers.12.mlp.down_proj.weight"),
+        ("model.language_model.layers.33.self_attn.k_proj.weight", 0, "layers.33.self_attn.k_proj.weight vs source model.language_model.layers.22.self_attn.k_proj.weight"),
+        ("model.language_model.layers.7.layer_scalar", 0, "layers.7.layer_scalar vs source"),
+        # PLE table row 0 holds 66 blocks of 8 bf16 values (16 bytes each): byte 16*20 is in slot 20's block.
+        ("model.language_model.embed_tokens_per_layer.weight", 16 * 20, "embed_tokens_per_layer.weight block of slot 20"),
+    ],
+)
+def test_one_flipped_byte_is_found_and_named(tiny_e4b, tiny_e6b, tmp_path, name, byte_offset, message):
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(tiny_e6b, corrupted)
+    flip_byte(corrupted, name, byte_offset)
+    with pytest.raises(VerifyError) as error:
+        verify_tensors(corrupted, open_source(str(tiny_e4b)))
+    assert message in str(error.value)
