@@ -107,11 +107,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         name="gemma3",
         model_types=("gemma3",),
         text_config_key="text_config",
-        text_prefix="model.language_model.",
+        text_prefix="language_model.model.",  # the names Gemma-3 checkpoints (and save_pretrained) use
         param_groups=(
-            ("decoder layers", ("model.language_model.layers.",)),
-            ("token embeddings", ("model.language_model.embed_tokens.",)),
-            ("vision tower", ("model.vision_tower.", "model.multi_modal_projector.")),
+            ("decoder layers", ("language_model.model.layers.",)),
+            ("token embeddings", ("language_model.model.embed_tokens.",)),
+            ("vision tower", ("vision_tower.", "multi_modal_projector.")),
         ),
     ),
     _plain_decoder("llama-style", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")),

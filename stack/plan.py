@@ -377,6 +377,7 @@ def check_against_transformers(plan: StackPlan) -> None:
     """Build the output model on the meta device and compare its keys and shapes with the plan."""
     import torch
     import transformers
+    from transformers.core_model_loading import revert_weight_conversion
 
     config = _transformers_config(plan.config)
     architectures = plan.config.get("architectures") or []
@@ -384,7 +385,9 @@ def check_against_transformers(plan: StackPlan) -> None:
     with torch.device("meta"):
         model = model_class(config) if model_class else transformers.AutoModelForCausalLM.from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+    # Names as save_pretrained writes them: some families (Gemma-3) save legacy names and rename on load.
+    saved = revert_weight_conversion(model, {n: t for n, t in model.state_dict().items() if n not in tied})
+    expected = {name: tuple(t.shape) for name, t in saved.items()}
     planned_shapes = {t.name: t.shape for t in plan.tensors}
     problems = [f"missing {n}" for n in sorted(expected.keys() - planned_shapes.keys())]
     problems += [f"unexpected {n}" for n in sorted(planned_shapes.keys() - expected.keys())]

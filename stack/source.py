@@ -101,7 +101,7 @@ def _from_hub(repo_id: str) -> Path:
             return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
         except Exception:
             raise SourceError(
-                f"model {repo_id!r} could not be fetched from the hub ({type(online_error).__name__}: {online_error}) "
+                f"model {repo_id!r} could not be fetched from the hub ({str(online_error).splitlines()[0]}) "
                 "and is not in the local HF cache. Download it on a machine with access "
                 f"(`hf download {repo_id} --local-dir DIR`), then pass the folder: "
                 "`make raw SOURCE=DIR` or `python -m stack RECIPE --source DIR`."

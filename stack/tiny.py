@@ -85,6 +85,24 @@ def save_tiny_decoder(directory: Path, model_type: str = "llama", num_hidden_lay
     return Path(directory)
 
 
+def save_tiny_gemma3(directory: Path, num_hidden_layers: int = 6, seed: int = 0) -> Path:
+    """Tiny Gemma3ForConditionalGeneration (text decoder + SigLIP tower), saved in bf16 with a tokenizer."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Gemma3Config(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=512),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4,
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    _perturb_parameters(model)
+    model.to(torch.bfloat16).save_pretrained(directory)
+    save_tiny_tokenizer(directory, config.text_config.vocab_size)
+    return Path(directory)
+
+
 def _perturb_parameters(model) -> None:
     """Norm weights start identical in every layer; perturb every parameter so that a tensor copied
     from the wrong layer can never pass an equality check."""

@@ -147,3 +147,11 @@ def test_checkpoint_graft_source_needs_dead_weights(tiny_e4b, tmp_path, caplog):
     assert run_stack(recipe, tiny_e4b, tmp_path / "e6b") == 2
     assert "slot 32 needs K/V weights for source layer 24" in caplog.text
     assert "no model.language_model.layers.24.self_attn.k_proj.* tensor. Use kv_graft_source: producer" in caplog.text
+
+
+def test_a_plan_whose_kv_roles_disagree_with_transformers_is_rejected(tiny_e4b):
+    """Keys and shapes can agree while roles differ: slot 39 as 'own' instead of the full-attention producer."""
+    plan = seed_plan(tiny_e4b)
+    slots = tuple(dataclasses.replace(s, kv_role="own") if s.index == 39 else s for s in plan.slots)
+    with pytest.raises(PlanError, match="transformers reads kv_sharing_modes"):
+        check_against_transformers(dataclasses.replace(plan, slots=slots))

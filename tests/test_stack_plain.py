@@ -7,7 +7,10 @@ import json
 import pytest
 import torch
 
-from stack.tiny import save_tiny_decoder
+from stack.tiny import save_tiny_decoder, save_tiny_gemma3
+
+from stack.source import open_source
+from stack.verify import verify_tensors
 
 from .checkpoints import assert_loads_clean, load_config, load_tensors, logits
 from .conftest import run_stack, write_recipe
@@ -34,15 +37,30 @@ def test_llama_overlap_stack_maps_every_tensor(tiny_llama, tmp_path):
     assert_loads_clean(out).generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma3_text"])
+def save_tiny(model_type, directory):
+    if model_type == "gemma3":  # multimodal: text decoder under language_model.model., plus a vision tower
+        return save_tiny_gemma3(directory, num_hidden_layers=4)
+    return save_tiny_decoder(directory, model_type, num_hidden_layers=4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma3_text", "gemma3"])
 def test_identity_stack_reproduces_logits_bit_exactly(model_type, tmp_path):
-    source = save_tiny_decoder(tmp_path / "source", model_type, num_hidden_layers=4)
+    source = save_tiny(model_type, tmp_path / "source")
     out = tmp_path / "identity"
     assert run_stack(write_recipe(tmp_path / "r.yaml", [(0, 4)]), source, out) == 0
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     stacked_model = assert_loads_clean(out)
     source_model = assert_loads_clean(source)
     assert torch.equal(logits(stacked_model, ids), logits(source_model, ids))
+
+
+def test_gemma3_multimodal_overlap_stack_verifies(tmp_path):
+    source = save_tiny_gemma3(tmp_path / "source")
+    out = tmp_path / "stack"
+    assert run_stack(write_recipe(tmp_path / "r.yaml", OVERLAP), source, out) == 0
+    assert load_config(out)["text_config"]["num_hidden_layers"] == 8
+    assert verify_tensors(out, open_source(str(source))) == len(load_tensors(out))
+    assert_loads_clean(out)
 
 
 def test_per_layer_list_fields_are_resequenced(tmp_path):
