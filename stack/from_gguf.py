@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
+
+from .atomic import staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +53,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_config(loaded.config)
     model.load_state_dict(loaded.state_dict(), strict=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_output(out_dir) as tmp:
         model.to(dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote %s", out_dir)
     return out_dir
 

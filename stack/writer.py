@@ -3,7 +3,7 @@
 Memory stays bounded whatever the model size. Whole tensors and contiguous blocks are copied
 file-to-file by the kernel (copy_file_range), never through Python. Only a GatherBlocks along an
 inner axis (the PLE table, [vocab, L*256]) passes through memory, one block of rows at a time
-(`chunk_bytes` of source rows). Everything is written into a temp folder beside OUT, which is
+(CHUNK_BYTES of source rows). Everything is written into a temp folder beside OUT, which is
 renamed to OUT only once complete; on any error the temp folder is removed and OUT is untouched.
 """
 
@@ -13,15 +13,14 @@ import json
 import logging
 import math
 import os
-import shutil
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .atomic import staged_output
 from .manifest import MANIFEST_NAME, manifest_from_plan
 from .plan import Copy, GatherBlocks, OutputTensor, StackPlan
 from .source import DTYPE_BYTES, SourceCheckpoint, SourceError, check_data_present, copy_source_files, sha256_file
@@ -36,7 +35,7 @@ def write_stack(plan: StackPlan, source: SourceCheckpoint, out_dir: Path, force:
     out_dir = Path(out_dir)
     check_output_dir(out_dir, source, force)
     check_data_present(source)
-    with _staging_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
+    with staged_output(out_dir) as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
         # Hash the source shards on a second thread while the first writes (hashlib releases the GIL).
         digests = {shard.name: hasher.submit(sha256_file, shard) for shard in source.shards}
         shard_names = _write_shards(plan, tmp)
@@ -47,7 +46,6 @@ def write_stack(plan: StackPlan, source: SourceCheckpoint, out_dir: Path, force:
         logger.info("waiting for source shard hashes")
         manifest = manifest_from_plan(plan, {name: f.result() for name, f in digests.items()})
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace(tmp, out_dir)
     logger.info("wrote %s", out_dir)
 
 
@@ -58,27 +56,6 @@ def check_output_dir(out_dir: Path, source: SourceCheckpoint, force: bool) -> No
         raise FileExistsError(f"output {out_dir} overlaps the source folder {source.directory}; choose another --out")
     if out_dir.exists() and not force:
         raise FileExistsError(f"output {out_dir} already exists; pass --force to replace it, or choose another --out")
-
-
-@contextmanager
-def _staging_dir(out_dir: Path):
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after a success too: it was renamed to OUT
-
-
-def _replace(tmp: Path, out_dir: Path) -> None:
-    """Swap the finished folder in; an existing OUT (--force) is moved aside first, then deleted."""
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def shard_file_names(num_shards: int) -> list[str]:
