@@ -7,11 +7,13 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 
 SOURCE ?= google/gemma-4-E4B-it
+MODEL ?=
+DATA ?=
 OUT ?= out/gemma-4-E6B-it-raw
 SCRATCH ?= .bench-scratch
 SCALE ?= 1.0
 
-.PHONY: venv demo test test-slow raw bench-stack clean
+.PHONY: venv demo test test-slow raw fisher bench-stack clean
 
 venv: $(BIN)/.installed
 
@@ -39,6 +41,10 @@ test-slow: venv
 ## raw: write the raw E6B (recipes/e6b.yaml); override SOURCE=local/folder OUT=dir
 raw: venv
 	$(BIN)/python -m stack recipes/e6b.yaml --source $(SOURCE) --out $(OUT)
+
+## fisher: diagonal Fisher of the source IT model (recipes/fisher.yaml); override MODEL=dir DATA=file.jsonl
+fisher: venv
+	$(BIN)/accelerate launch -m fisher recipes/fisher.yaml $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA))
 
 ## bench-stack: full-size E4B-shaped checkpoint -> E6B against the I/O floor, and a Llama case against mergekit
 bench-stack: venv

@@ -34,9 +34,12 @@ TINY_E4B_TEXT = dict(
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16)
 TINY_AUDIO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=64)
 
+# Gemma-style turns; assistant content sits in {% generation %} markers so TRL can build assistant-only loss masks.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<end_of_turn>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<end_of_turn>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}"
 )
 
 

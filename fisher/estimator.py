@@ -1,0 +1,140 @@
+"""Per-example squared gradients of the decoder's Linear weights, from one batched backward.
+
+For a Linear y = x Wᵀ and one example b with inputs X_b [T, in] and output gradients G_b [T, out]
+(rows of the batch are independent, so G_b is ∂ℓ_b/∂y_b even when the loss sums the batch):
+
+    ∂ℓ_b/∂W = G_bᵀ X_b          exact: accumulate (G_bᵀ X_b)²           [out, in]
+                                per_token (approximate): (G_b²)ᵀ (X_b²) = Σ_t g_t² x_tᵀ²
+
+A forward hook keeps X and puts a hook on the output; that hook receives G during backward and
+adds the squares into an fp32 sum, `examples_per_chunk` examples at a time. Per-example gradients
+therefore exist for one module and a few examples at once, never for the whole model. Weights
+are frozen, so autograd never builds the (batch-summed, useless here) weight gradients.
+
+Non-finite per-example gradients are not added. Because the first module to see one may come after
+others already added that example, such examples are then removed again by a second backward
+over the same graph that subtracts exactly what was added (see `Accumulator.correction`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def _exact(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(g.transpose(1, 2), x).square()  # [b, out, in]
+
+
+def _per_token(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(g.square().transpose(1, 2), x.square())  # [b, out, in]
+
+
+PER_EXAMPLE = {"exact": _exact, "per_token": _per_token}
+
+
+class Accumulator:
+    """Σ over examples of the squared per-example gradient of each tracked Linear weight, in fp32."""
+
+    def __init__(self, modules: dict[str, nn.Linear], estimator: str = "exact", examples_per_chunk: int = 1):
+        self.modules = modules
+        self.names = {module: name for name, module in modules.items()}
+        self.sums = {name: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for name, m in modules.items()}
+        self.per_example = PER_EXAMPLE[estimator]
+        self.chunk = examples_per_chunk
+        self._subtract: dict[str, torch.Tensor] | None = None  # set during a correction backward
+        self._include: torch.Tensor | None = None
+
+    @contextmanager
+    def hooked(self):
+        handles = [module.register_forward_hook(self._on_forward) for module in self.modules.values()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _on_forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if output.requires_grad:  # False in a no-grad pass (e.g. the first pass of gradient checkpointing)
+            name, x = self.names[module], args[0].detach()
+            output.register_hook(lambda g: self._on_gradient(name, x, g))
+
+    @contextmanager
+    def backward_pass(self, include: torch.Tensor):
+        """One backward that adds the examples in `include` [B] (bool). Yields per-module masks of the
+        examples actually added (finite), and collects the examples with a non-finite gradient."""
+        self._include = include
+        self.added = {name: torch.zeros_like(include) for name in self.modules}
+        self.nonfinite = torch.zeros_like(include)
+        try:
+            yield self
+        finally:
+            self._include = None
+
+    @contextmanager
+    def correction(self, added: dict[str, torch.Tensor]):
+        """A backward over the same graph whose loss holds only the examples to remove: subtracts, in
+        each module, exactly the per-example squares the previous pass added for them."""
+        self._subtract = added
+        try:
+            yield self
+        finally:
+            self._subtract = None
+
+    def _on_gradient(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        subtracting = self._subtract is not None
+        include = self._subtract[name] if subtracting else self._include
+        for start in range(0, g.shape[0], self.chunk):
+            rows = slice(start, start + self.chunk)
+            use = include[rows]
+            if not use.any():
+                continue
+            squares = self.per_example(g[rows].float(), x[rows].float())
+            finite = squares.flatten(1).isfinite().all(dim=1)
+            if not subtracting:
+                self.nonfinite[rows] |= use & ~finite
+                use = use & finite
+                self.added[name][rows] |= use
+            total = squares.sum(0) if bool(use.all()) else squares[use].sum(0)
+            self.sums[name].add_(total, alpha=-1.0 if subtracting else 1.0)
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the text decoder's layers (attention, MLP, PLE gate/projection), by module name."""
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}: its decoder {type(decoder).__name__} has no `layers` ModuleList")
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    return {
+        f"{prefix}.{name}": module
+        for name, module in layers.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+
+
+def sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For `true` mode: at each loss position of one example, a token drawn from the model's own
+    predictive distribution there (teacher-forced on the data prefix). logits [T, V], labels [T]."""
+    sampled = labels.clone()
+    positions = (labels[1:] != -100).nonzero().squeeze(1) + 1  # label t is predicted from logits t-1
+    probs = torch.softmax(logits[positions - 1].float(), dim=-1)
+    sampled[positions] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return sampled
+
+
+def example_generator(seed: int, example_id: int, sample: int, device: torch.device) -> torch.Generator:
+    """A generator that depends only on (seed, example, sample): label draws do not depend on batching or rank."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + example_id * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB) % (2**63)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+def per_example_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ℓ_b = Σ over loss tokens of log p(label_t | prefix), per example. logits [B, T, V], labels [B, T] -> [B]."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, picked, torch.zeros_like(picked)).sum(dim=1)

@@ -1,0 +1,71 @@
+"""Test data in TRL's formats, and a brute-force Fisher written independently of fisher/."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fisher.estimator import example_generator, sample_labels
+
+
+def words(rng: random.Random, count: int) -> str:
+    return " ".join(f"w{rng.randrange(500)}" for _ in range(count))
+
+
+def rows_for(format_name: str, count: int = 6, seed: int = 0) -> list[dict]:
+    """Rows of varying length in one of TRL's dataset formats."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        question, answer = words(rng, rng.randint(2, 9)), words(rng, rng.randint(1, 7))
+        if format_name == "messages":
+            rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer},
+                                      {"role": "user", "content": words(rng, 2)}, {"role": "assistant", "content": words(rng, 3)}]})
+        elif format_name == "prompt_completion":
+            rows.append({"prompt": question, "completion": " " + answer})
+        elif format_name == "conversational_prompt_completion":
+            rows.append({"prompt": [{"role": "user", "content": question}], "completion": [{"role": "assistant", "content": answer}]})
+        elif format_name == "text":
+            rows.append({"text": question + " " + answer})
+        else:
+            raise ValueError(format_name)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def tracked_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Weights of every nn.Linear in the text decoder layers, found by name, not by fisher/'s helper."""
+    return {
+        f"{name}.weight": module.weight
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and ".layers." in name and "tower" not in name
+    }
+
+
+def brute_force_fisher(model, examples, mode="empirical", seed=0, num_samples=1) -> dict[str, torch.Tensor]:
+    """Mean over examples (and label samples) of the squared gradient of each example's summed
+    log-likelihood, one example at a time with plain autograd."""
+    weights = tracked_weights(model)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    sums = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    for example in examples:
+        input_ids, labels = torch.tensor([example.input_ids]), torch.tensor(example.labels)
+        for sample in range(num_samples):
+            logits = model(input_ids=input_ids).logits[0]
+            targets = labels if mode == "empirical" else sample_labels(logits.detach(), labels, example_generator(seed, example.example_id, sample, logits.device))
+            log_likelihood = -F.cross_entropy(logits[:-1].float(), targets[1:], ignore_index=-100, reduction="sum")
+            for (name, _), grad in zip(weights.items(), torch.autograd.grad(log_likelihood, list(weights.values()))):
+                sums[name] += grad.float().square()
+    for weight in weights.values():
+        weight.requires_grad_(False)
+    return {name: total / (len(examples) * num_samples) for name, total in sums.items()}

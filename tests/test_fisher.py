@@ -1,0 +1,317 @@
+"""The Fisher stage: exact against brute-force per-example autograd, invariant to batching and
+ranks, named like the source checkpoint, and loud about bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fisher.__main__ import FISHER_FILE, METADATA_KEY, PLOT_FILE, SUMMARY_FILE, compute_and_write, main
+from fisher.config import config_from_dict
+from fisher.data import load_examples
+from stack.source import read_safetensors_header
+from stack.tiny import save_tiny_decoder, save_tiny_gemma4
+
+from .conftest import REPO
+from .fisher_support import brute_force_fisher, rows_for, tracked_weights, write_jsonl
+
+FORMATS = ["messages", "prompt_completion", "conversational_prompt_completion", "text"]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_tiny_decoder(tmp_path_factory.mktemp("fisher-llama"), "llama", num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory):
+    """A 12-layer Gemma-4 with PLE, KV sharing (4 shared) and both attention types."""
+    return save_tiny_gemma4(tmp_path_factory.mktemp("fisher-gemma4"), num_hidden_layers=12, num_kv_shared_layers=4)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fisher-data")
+    return {name: write_jsonl(folder / f"{name}.jsonl", rows_for(name)) for name in FORMATS}
+
+
+def make_config(model, data_path, out, **overrides):
+    base = dict(model=str(model), datasets=[{"path": str(data_path)}], out=str(out), dtype="float32", batch_size=3, max_length=64)
+    return config_from_dict({**base, **overrides})
+
+
+def fisher_of(config) -> dict[str, torch.Tensor]:
+    compute_and_write(config)
+    return load_file(os.path.join(config.out, FISHER_FILE))
+
+
+def metadata_of(config) -> dict:
+    with safe_open(os.path.join(config.out, FISHER_FILE), "pt") as f:
+        return json.loads(f.metadata()[METADATA_KEY])
+
+
+def reference(config, **kwargs):
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
+    examples, _ = load_examples(config, AutoTokenizer.from_pretrained(config.model))
+    return brute_force_fisher(model, examples, mode=config.mode, seed=config.seed, num_samples=config.num_samples, **kwargs)
+
+
+def assert_fisher_close(actual: dict, expected: dict, rtol=1e-4):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        scale = float(expected[name].abs().max())
+        assert scale > 0, f"{name}: the reference is all zeros, the comparison would be empty"
+        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+# ---- exactness -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["empirical", "true"])
+@pytest.mark.parametrize("format_name", FORMATS)
+def test_equals_brute_force_per_example_autograd_llama(llama, data, tmp_path, format_name, mode):
+    config = make_config(llama, data[format_name], tmp_path / "out", mode=mode, num_samples=2 if mode == "true" else 1, seed=7)
+    assert_fisher_close(fisher_of(config), reference(config))
+
+
+@pytest.mark.parametrize("mode, format_name", [("empirical", "messages"), ("true", "messages"), ("empirical", "text")])
+def test_equals_brute_force_per_example_autograd_gemma4(gemma4, data, tmp_path, mode, format_name):
+    config = make_config(gemma4, data[format_name], tmp_path / "out", mode=mode, seed=3)
+    fisher = fisher_of(config)
+    assert any("per_layer_input_gate" in n for n in fisher) and any("per_layer_projection" in n for n in fisher)
+    assert not any(".layers.9.self_attn.k_proj" in n for n in fisher)  # KV-shared layers have no k_proj
+    assert_fisher_close(fisher, reference(config))
+
+
+def test_the_brute_force_comparison_can_fail(llama, data, tmp_path):
+    """Squaring the batch gradient instead of each example's (the classic mistake) is caught."""
+    config = make_config(llama, data["messages"], tmp_path / "out")
+    expected = reference(config)
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    examples, _ = load_examples(config, AutoTokenizer.from_pretrained(llama))
+    weights = tracked_weights(model)
+    for w in weights.values():
+        w.requires_grad_(True)
+    total = sum(-torch.nn.functional.cross_entropy(model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1],
+                                                    torch.tensor(e.labels[1:]), ignore_index=-100, reduction="sum") for e in examples)
+    batch_squared = {n: g.square() / len(examples) for n, g in zip(weights, torch.autograd.grad(total, list(weights.values())))}
+    with pytest.raises(AssertionError):
+        assert_fisher_close(batch_squared, expected)
+
+
+def test_batch_size_does_not_change_the_result(llama, data, tmp_path):
+    results = [fisher_of(make_config(llama, data["messages"], tmp_path / f"b{b}", batch_size=b)) for b in (1, 4)]
+    assert_fisher_close(results[0], results[1], rtol=1e-5)
+
+
+def test_gradient_checkpointing_does_not_change_the_result(llama, data, tmp_path):
+    plain = fisher_of(make_config(llama, data["text"], tmp_path / "plain"))
+    checkpointed = fisher_of(make_config(llama, data["text"], tmp_path / "ckpt", gradient_checkpointing=True))
+    assert_fisher_close(checkpointed, plain, rtol=1e-5)
+
+
+def test_per_token_estimator_is_labelled_approximate(llama, data, tmp_path):
+    config = make_config(llama, data["text"], tmp_path / "out", estimator="per_token")
+    approx, exact = fisher_of(config), reference(config)
+    assert metadata_of(config)["approximate"] is True
+    assert approx.keys() == exact.keys()
+    assert any(not torch.allclose(approx[n], exact[n], rtol=1e-3) for n in exact)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_equal_one(llama, data, tmp_path):
+    single = fisher_of(make_config(llama, data["messages"], tmp_path / "one"))
+    recipe = tmp_path / "fisher.yaml"
+    recipe.write_text(json.dumps(dict(model=str(llama), datasets=[{"path": str(data["messages"])}], out=str(tmp_path / "two"),
+                                      dtype="float32", batch_size=2, max_length=64)))
+    # torchrun-style launch of 2 ranks; ACCELERATE_USE_CPU makes them MULTI_CPU over gloo (`--cpu` would start only one).
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "fisher", str(recipe)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, cwd=REPO, env=env, timeout=300)
+    with safe_open(tmp_path / "two" / FISHER_FILE, "pt") as f:
+        assert json.loads(f.metadata()[METADATA_KEY])["world_size"] == 2
+    assert_fisher_close(load_file(tmp_path / "two" / FISHER_FILE), single, rtol=1e-5)
+
+
+# ---- outputs -----------------------------------------------------------------------------------------------
+
+
+def test_names_and_shapes_match_the_source_checkpoint(gemma4, data, tmp_path):
+    fisher = fisher_of(make_config(gemma4, data["messages"], tmp_path / "out"))
+    source = read_safetensors_header(gemma4 / "model.safetensors")
+    # Every 2-D tensor of the text decoder layers is a Linear weight (norms and layer_scalar are 1-D).
+    assert set(fisher) == {n for n, info in source.items() if n.startswith("model.language_model.layers.") and len(info.shape) == 2}
+    for name, values in fisher.items():
+        assert tuple(values.shape) == source[name].shape and values.dtype == torch.float32
+        assert bool((values >= 0).all()) and bool(values.isfinite().all())
+
+
+def test_metadata_summary_and_plot(llama, data, tmp_path):
+    config = make_config(llama, data["prompt_completion"], tmp_path / "out", max_length=8)
+    fisher_of(config)
+    meta = metadata_of(config)
+    for key in ("model", "model_shard_sha256", "datasets", "dataset_rows", "examples_used", "skipped_empty_loss_mask",
+                "skipped_nonfinite", "truncated", "loss_tokens", "mode", "max_length", "seed", "approximate", "versions"):
+        assert key in meta, key
+    assert meta["dataset_rows"] == {str(data["prompt_completion"]): 6} and meta["approximate"] is False
+    assert meta["truncated"] > 0 and meta["loss_tokens"] > 0 and meta["versions"]["trl"] == "1.16.0"
+    summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
+    assert set(summary["mass_per_layer"]) == {"0", "1", "2"}
+    assert abs(sum(summary["mass_per_type"].values()) - summary["total_mass"]) < 1e-6 * summary["total_mass"]
+    assert 0 < summary["concentration"]["q_proj"]["top1pct_inputs"] <= summary["concentration"]["q_proj"]["top10pct_inputs"] <= 1
+    assert (tmp_path / "out" / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tokens_are_exactly_sft_trainers(llama, data, tmp_path):
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    for format_name in FORMATS:
+        config = make_config(llama, data[format_name], tmp_path / "out", max_length=1024)
+        ours, _ = load_examples(config, tokenizer)
+        conversational = format_name == "messages"
+        trainer = SFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(llama), processing_class=tokenizer,
+            train_dataset=load_dataset("json", data_files=str(data[format_name]), split="train"),
+            args=SFTConfig(output_dir=str(tmp_path / "sft"), assistant_only_loss=conversational, report_to=[], max_length=1024,
+                           bf16=False, use_cpu=True),
+        )
+        theirs = trainer.train_dataset
+        assert [e.input_ids for e in ours] == theirs["input_ids"], format_name
+        assert [e.labels for e in ours] == theirs["labels"], format_name
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+
+def run_cli(tmp_path, caplog, **config) -> int:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(json.dumps({"dtype": "float32", "out": str(tmp_path / "out"), **config}))
+    return main([str(recipe)])
+
+
+def test_missing_column(llama, data, tmp_path, caplog):
+    assert run_cli(tmp_path, caplog, model=str(llama), datasets=[{"path": str(data["text"]), "columns": {"text": "body"}}]) == 2
+    assert "has no column(s) ['body']; its columns are ['text']" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_columns_in_no_trl_format(llama, tmp_path, caplog):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "w1", "answer": "w2"}])
+    assert run_cli(tmp_path, caplog, model=str(llama), datasets=[{"path": str(path)}]) == 2
+    assert "has columns ['question', 'answer'], none in a TRL format" in caplog.text
+
+
+def test_column_mapping_selects_columns(llama, tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "w1 w2", "answer": "w3", "id": 1}, {"question": "w4", "answer": "w5 w6", "id": 2}])
+    config = make_config(llama, path, tmp_path / "out", datasets=[{"path": str(path), "columns": {"prompt": "question", "completion": "answer"}}])
+    fisher_of(config)
+    assert metadata_of(config)["examples_used"] == 2
+
+
+def test_rows_with_empty_loss_mask_are_skipped_and_counted(llama, tmp_path, caplog):
+    rows = rows_for("messages", 4) + [{"messages": [{"role": "user", "content": "w1 w2"}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    config = make_config(llama, path, tmp_path / "out")
+    fisher_of(config)
+    meta = metadata_of(config)
+    assert meta["skipped_empty_loss_mask"] == 1 and meta["examples_used"] == 4
+    assert "row(s) have no assistant turn (empty loss mask), skipped; first rows: [4]" in caplog.text
+
+
+def test_rows_over_max_length_are_truncated_and_counted(llama, data, tmp_path):
+    config = make_config(llama, data["text"], tmp_path / "out", max_length=5)
+    fisher_of(config)
+    examples, stats = load_examples(config, AutoTokenizer.from_pretrained(llama))
+    assert stats.truncated == metadata_of(config)["truncated"] > 0
+    assert max(len(e.input_ids) for e in examples) == 5
+
+
+def test_conversational_data_needs_a_chat_template(llama, data, tmp_path, caplog):
+    plain = tmp_path / "no-template"
+    plain.mkdir()
+    for path in llama.iterdir():
+        if path.name != "chat_template.jinja":
+            (plain / path.name).write_bytes(path.read_bytes())
+    assert run_cli(tmp_path, caplog, model=str(plain), datasets=[{"path": str(data["messages"])}]) == 2
+    assert "is conversational but the tokenizer of" in caplog.text and "has no chat template" in caplog.text
+
+
+def test_missing_data_path(llama, tmp_path, caplog):
+    assert run_cli(tmp_path, caplog, model=str(llama), datasets=[{"path": str(tmp_path / "nope.jsonl")}]) == 2
+    assert "data path" in caplog.text and "nope.jsonl' does not exist" in caplog.text
+
+
+def test_unknown_config_key(llama, data, tmp_path, caplog):
+    assert run_cli(tmp_path, caplog, model=str(llama), datasets=[{"path": str(data["text"])}], batchsize=2) == 2
+    assert "unknown key(s) ['batchsize']" in caplog.text
+
+
+# ---- non-finite gradients ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def poison_one_example(monkeypatch):
+    """Make one example's output gradient non-finite at one mid-network Linear: modules after it (in
+    backward order: later layers) have already added that example when the NaN appears."""
+    import fisher.__main__ as fisher_main
+
+    original = fisher_main._prepare_for_fisher
+    poisoned_token = 7  # "w1": rows containing it get a NaN gradient at layer 1's down_proj
+
+    def prepare(model, config):
+        original(model, config)
+        captured = {}
+        model.get_input_embeddings().register_forward_hook(lambda m, a, o: captured.update(ids=a[0]))
+
+        def poison(module, args, output):
+            rows = (captured["ids"] == poisoned_token).any(dim=1)
+            if output.requires_grad and rows.any():
+                output.register_hook(lambda g: torch.where(rows[:, None, None], torch.full_like(g, float("nan")), g))
+
+        model.model.layers[1].mlp.down_proj.register_forward_hook(poison)
+
+    monkeypatch.setattr(fisher_main, "_prepare_for_fisher", prepare)
+    return poisoned_token
+
+
+def test_nonfinite_examples_are_skipped_exactly(llama, tmp_path, poison_one_example):
+    rows = [{"text": "w2 w3 w4"}, {"text": "w5 w1 w6 w8"}, {"text": "w9 w10"}, {"text": "w11 w12 w13"}]
+    path = write_jsonl(tmp_path / "text.jsonl", rows)
+    config = make_config(llama, path, tmp_path / "out", max_nonfinite_share=0.5, batch_size=4)
+    fisher = fisher_of(config)
+    assert metadata_of(config)["skipped_nonfinite"] == 1
+    clean = make_config(llama, write_jsonl(tmp_path / "clean.jsonl", [r for r in rows if "w1 " not in r["text"]]), tmp_path / "ref")
+    assert_fisher_close(fisher, reference(clean), rtol=1e-4)
+
+
+def test_too_many_nonfinite_examples_fail(llama, tmp_path, caplog, poison_one_example):
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "w2 w3"}, {"text": "w5 w1 w6"}])
+    assert run_cli(tmp_path, caplog, model=str(llama), datasets=[{"path": str(path)}], max_nonfinite_share=0.1) == 2
+    assert "1 of 2 examples (50.0%) had non-finite gradients, above max_nonfinite_share=0.1" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_fisher_recipe_loads():
+    from fisher.config import load_config
+
+    config = load_config(REPO / "recipes" / "fisher.yaml")
+    assert config.model == "google/gemma-4-E4B-it" and config.mode == "empirical" and not config.approximate
