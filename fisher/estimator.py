@@ -7,7 +7,7 @@ For a Linear y = x Wᵀ and one example b with inputs X_b [T, in] and output gra
                                 per_token (approximate): (G_b²)ᵀ (X_b²) = Σ_t g_t² x_tᵀ²
 
 A forward hook keeps X and puts a hook on the output; that hook receives G during backward and
-adds the squares into an fp32 sum, `examples_per_chunk` examples at a time. Per-example gradients
+adds the squares into an fp32 sum (fused: sum += P·P), `examples_per_chunk` examples at a time. Per-example gradients
 therefore exist for one module and a few examples at once, never for the whole model. Weights
 are frozen, so autograd never builds the (batch-summed, useless here) weight gradients.
 
@@ -24,14 +24,15 @@ import torch
 from torch import nn
 
 
-def _exact(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.bmm(g.transpose(1, 2), x).square()  # [b, out, in]
+def _exact(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    return torch.bmm(g.transpose(1, 2), x), True  # per-example gradients [b, out, in], to be squared
 
 
-def _per_token(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.bmm(g.square().transpose(1, 2), x.square())  # [b, out, in]
+def _per_token(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    return torch.bmm(g.square().transpose(1, 2), x.square()), False  # already squares [b, out, in]
 
 
+# estimator -> fn(G [b, T, out], X [b, T, in]) -> (per-example matrices, whether they still need squaring)
 PER_EXAMPLE = {"exact": _exact, "per_token": _per_token}
 
 
@@ -86,19 +87,27 @@ class Accumulator:
     def _on_gradient(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
         subtracting = self._subtract is not None
         include = self._subtract[name] if subtracting else self._include
+        sign = -1.0 if subtracting else 1.0
+        total = self.sums[name]
         for start in range(0, g.shape[0], self.chunk):
             rows = slice(start, start + self.chunk)
             use = include[rows]
             if not use.any():
                 continue
-            squares = self.per_example(g[rows].float(), x[rows].float())
-            finite = squares.flatten(1).isfinite().all(dim=1)
+            matrices, needs_square = self.per_example(g[rows].float(), x[rows].float())
+            flat = matrices.flatten(1)
+            # One reduction per example: its Fisher mass, non-finite iff any entry (or the mass) is.
+            mass = torch.linalg.vector_norm(flat, dim=1) if needs_square else flat.sum(1)
+            finite = mass.isfinite()
             if not subtracting:
                 self.nonfinite[rows] |= use & ~finite
                 use = use & finite
                 self.added[name][rows] |= use
-            total = squares.sum(0) if bool(use.all()) else squares[use].sum(0)
-            self.sums[name].add_(total, alpha=-1.0 if subtracting else 1.0)
+            for i in use.nonzero().flatten().tolist():
+                if needs_square:
+                    total.addcmul_(matrices[i], matrices[i], value=sign)  # += sign · P², fused
+                else:
+                    total.add_(matrices[i], alpha=sign)
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:

@@ -73,7 +73,7 @@ def _concentration_by_type(modules: dict[str, dict]) -> dict[str, dict[str, floa
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    """Three panels: mass per layer stacked by module type; mass per module type; concentration per type."""
+    """Three panels: mass per layer and module type; mass per module type; concentration per type."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,15 +82,15 @@ def plot(summary: dict, path: Path, title: str) -> None:
     layers = [int(k) for k in summary["mass_per_layer_and_type"]]
     kinds = list(summary["mass_per_type"])
     fig, (ax_layers, ax_types, ax_conc) = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [3, 1.3, 1.7]})
-    bottom = [0.0] * len(layers)
-    for kind in kinds:
-        heights = [summary["mass_per_layer_and_type"][str(layer)].get(kind, 0.0) for layer in layers]
-        ax_layers.bar(layers, heights, bottom=bottom, label=kind)
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    ax_layers.set(xlabel="source layer", ylabel="Fisher mass (sum of diagonal)", title="Fisher mass per layer")
-    ax_layers.legend(fontsize=7, ncol=2)
+    for kind in kinds:  # lines on a log axis: per-layer mass spans orders of magnitude
+        masses = [summary["mass_per_layer_and_type"][str(layer)].get(kind) for layer in layers]
+        ax_layers.plot([l for l, m in zip(layers, masses) if m], [m for m in masses if m], marker=".", label=kind)
+    ax_layers.set_yscale("log")
+    ax_layers.set(xlabel="layer", ylabel="Fisher mass (sum of the diagonal)", title="Fisher mass per layer and module type")
+    ax_layers.legend(fontsize=7, ncol=3)
     ax_types.barh(kinds[::-1], [summary["mass_per_type"][k] for k in kinds[::-1]])
     ax_types.set(xlabel="Fisher mass", title="per module type")
+    ax_types.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     conc = summary["concentration"]
     columns = ["top1pct_inputs", "top10pct_inputs", "top1pct_outputs", "top10pct_outputs"]
     width = 0.2

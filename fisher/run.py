@@ -8,7 +8,6 @@ world_size-th example; the fp32 sums and counts are reduced once at the end.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -42,13 +41,11 @@ def run_fisher(model, accumulator: Accumulator, examples: list[Example], config:
     device = next(model.parameters()).device
     total_tokens = sum(len(e.input_ids) for e in mine)
     progress = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"fisher[{rank}]", disable=rank != 0, dynamic_ncols=True)
-    started = time.perf_counter()
     with accumulator.hooked(), progress:
         for start in range(0, len(mine), config.batch_size):
             batch = mine[start:start + config.batch_size]
             _fisher_batch(model, accumulator, batch, config, pad_token_id, device, counts)
-            progress.update(sum(len(e.input_ids) for e in batch))
-            progress.set_postfix(tok_per_s=f"{progress.n / (time.perf_counter() - started):.0f}")
+            progress.update(sum(len(e.input_ids) for e in batch))  # tqdm shows tokens/s
     return counts
 
 
