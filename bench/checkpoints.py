@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from stack.plan import saved_tensor_shapes
 from transformers import (
     Gemma4AudioConfig,
     Gemma4Config,
@@ -106,10 +108,7 @@ def llama_24() -> SyntheticModel:
 
 def tensor_shapes(model: SyntheticModel) -> dict[str, tuple[int, ...]]:
     """Every tensor `save_pretrained` would write, name -> shape, without allocating any weights."""
-    with torch.device("meta"):
-        instance = model.model_class(model.config)
-    tied = set(instance.all_tied_weights_keys)  # e.g. lm_head.weight, saved only as the embedding
-    return {name: tuple(t.shape) for name, t in instance.state_dict().items() if name not in tied}
+    return saved_tensor_shapes(model.config.to_dict())[1]
 
 
 def bf16_bytes(shape: tuple[int, ...]) -> int:

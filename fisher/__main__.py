@@ -116,7 +116,7 @@ def _prepare_for_fisher(model, config: FisherConfig) -> None:
     model.requires_grad_(False)
     model.get_input_embeddings().register_forward_hook(lambda _m, _a, output: output.requires_grad_(True))
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # transformers checkpoints only in training mode; these models have no active dropout
     else:
         model.eval()

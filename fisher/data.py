@@ -150,7 +150,7 @@ def _tokenize_with_trl(dataset, spec: DatasetSpec, tokenizer, config: FisherConf
             output_dir=scratch, max_length=None, assistant_only_loss=assistant_only,
             completion_only_loss=config.completion_only_loss, dataset_text_field=config.dataset_text_field,
             shuffle_dataset=False, report_to=[], bf16=False,  # only the data-preparation fields matter here
-            accelerator_config={"use_configured_state": True},
+            accelerator_config={"use_configured_state": True}, activation_checkpointing=False,
         )
     trainer_state = SimpleNamespace(
         _tokenizer=tokenizer,

@@ -373,21 +373,27 @@ def _assign_shards(tensors: tuple[OutputTensor, ...], max_bytes: int) -> tuple[t
 # ---- the final check: does transformers agree? ----------------------------------------------------------
 
 
-def check_against_transformers(plan: StackPlan) -> None:
-    """Build the output model on the meta device and compare its keys and shapes with the plan."""
+def saved_tensor_shapes(config: dict[str, Any]) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """The model class config.json names, and every tensor its save_pretrained would write
+    (name -> shape), from a model built on the meta device: no weights are allocated."""
     import torch
     import transformers
     from transformers.core_model_loading import revert_weight_conversion
 
-    config = _transformers_config(plan.config)
-    architectures = plan.config.get("architectures") or []
+    architectures = config.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
+    transformers_config = _transformers_config(config)
     with torch.device("meta"):
-        model = model_class(config) if model_class else transformers.AutoModelForCausalLM.from_config(config)
+        model = model_class(transformers_config) if model_class else transformers.AutoModelForCausalLM.from_config(transformers_config)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     # Names as save_pretrained writes them: some families (Gemma-3) save legacy names and rename on load.
     saved = revert_weight_conversion(model, {n: t for n, t in model.state_dict().items() if n not in tied})
-    expected = {name: tuple(t.shape) for name, t in saved.items()}
+    return type(model).__name__, {name: tuple(t.shape) for name, t in saved.items()}
+
+
+def check_against_transformers(plan: StackPlan) -> None:
+    """Build the output model on the meta device and compare its keys and shapes with the plan."""
+    model_name, expected = saved_tensor_shapes(plan.config)
     planned_shapes = {t.name: t.shape for t in plan.tensors}
     problems = [f"missing {n}" for n in sorted(expected.keys() - planned_shapes.keys())]
     problems += [f"unexpected {n}" for n in sorted(planned_shapes.keys() - expected.keys())]
@@ -398,10 +404,10 @@ def check_against_transformers(plan: StackPlan) -> None:
     ]
     if problems:
         raise PlanError(
-            f"the planned stack of {plan.source_model!r} would not load cleanly in {type(model).__name__} "
+            f"the planned stack of {plan.source_model!r} would not load cleanly in {model_name} "
             f"({len(problems)} problem(s)): " + "; ".join(problems[:8])
         )
-    _check_runtime_roles(plan, config.get_text_config())
+    _check_runtime_roles(plan, _transformers_config(plan.config).get_text_config())
 
 
 def _check_runtime_roles(plan: StackPlan, text) -> None:

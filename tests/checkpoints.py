@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -55,19 +56,16 @@ def write_header_only_checkpoint(directory: Path, config) -> Path:
     """
     import struct
 
-    from transformers import AutoModelForCausalLM
+    from stack.plan import saved_tensor_shapes
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    _, shapes = saved_tensor_shapes(config.to_dict())
     header, offset = {}, 0
-    for name, tensor in model.state_dict().items():
-        if name not in tied:
-            nbytes = tensor.numel() * 2
-            header[name] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     body = json.dumps(header).encode()
     (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(body)) + body)
     config.save_pretrained(directory)
