@@ -152,11 +152,17 @@ def _tokenize_with_trl(dataset, spec: DatasetSpec, tokenizer, config: FisherConf
             shuffle_dataset=False, report_to=[], bf16=False,  # only the data-preparation fields matter here
             accelerator_config={"use_configured_state": True}, activation_checkpointing=False,
         )
-    trainer_state = SimpleNamespace(
-        _tokenizer=tokenizer,
-        chat_template=get_training_chat_template(tokenizer) if assistant_only and not has_generation_markers(tokenizer.chat_template) else None,
-        completion_only_loss=config.completion_only_loss,
+    no_assistant_mask = DataError(
+        f"dataset {spec.path!r}: the chat template of {config.model!r} marks no assistant tokens (no "
+        "{% generation %} markers, and TRL has no training template for it). Set assistant_only_loss: false "
+        "to use every token, or give the tokenizer a chat template with generation markers"
     )
+    try:
+        # As SFTTrainer.__init__: a template without generation markers is swapped for TRL's training version.
+        training_template = get_training_chat_template(tokenizer) if assistant_only and not has_generation_markers(tokenizer.chat_template) else None
+    except ValueError:
+        raise no_assistant_mask from None
+    trainer_state = SimpleNamespace(_tokenizer=tokenizer, chat_template=training_template, completion_only_loss=config.completion_only_loss)
     if assistant_only:
         dataset = _skip_rows_without_assistant_turn(dataset, spec)
     try:
@@ -164,11 +170,7 @@ def _tokenize_with_trl(dataset, spec: DatasetSpec, tokenizer, config: FisherConf
     except RuntimeError as error:
         if "assistant" not in str(error):
             raise
-        raise DataError(
-            f"dataset {spec.path!r}: the chat template of {config.model!r} marks no assistant tokens (no "
-            "{% generation %} markers, and TRL has no training template for it). Set assistant_only_loss: false "
-            "to use every token, or give the tokenizer a chat template with generation markers"
-        ) from None
+        raise no_assistant_mask from None
 
 
 def _skip_rows_without_assistant_turn(dataset, spec: DatasetSpec):

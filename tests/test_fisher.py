@@ -315,3 +315,44 @@ def test_fisher_recipe_loads():
 
     config = load_config(REPO / "recipes" / "fisher.yaml")
     assert config.model == "google/gemma-4-E4B-it" and config.mode == "empirical" and not config.approximate
+
+
+# ---- data sources and mixing -------------------------------------------------------------------------------------
+
+
+def test_parquet_and_save_to_disk_sources_give_the_jsonl_result(llama, data, tmp_path):
+    from datasets import load_dataset
+
+    rows = load_dataset("json", data_files=str(data["messages"]), split="train")
+    rows.to_parquet(str(tmp_path / "chat.parquet"))
+    rows.save_to_disk(str(tmp_path / "chat-arrow"))
+    expected = fisher_of(make_config(llama, data["messages"], tmp_path / "jsonl"))
+    for source in (tmp_path / "chat.parquet", tmp_path / "chat-arrow"):
+        assert_fisher_close(fisher_of(make_config(llama, source, tmp_path / source.stem)), expected, rtol=1e-6)
+
+
+def test_datasets_are_mixed_by_weight(llama, data, tmp_path):
+    config = make_config(llama, data["text"], tmp_path / "out", num_examples=6, datasets=[
+        {"path": str(data["text"]), "weight": 2.0}, {"path": str(data["prompt_completion"]), "weight": 1.0}])
+    fisher_of(config)
+    assert metadata_of(config)["dataset_rows"] == {str(data["text"]): 4, str(data["prompt_completion"]): 2}
+    examples, _ = load_examples(config, AutoTokenizer.from_pretrained(llama))
+    assert sorted({e.dataset_index for e in examples}) == [0, 1] and len(examples) == 6
+
+
+def test_a_chat_template_without_generation_markers_is_a_clear_error(llama, data, tmp_path, caplog):
+    plain = tmp_path / "plain-template"
+    plain.mkdir()
+    for path in llama.iterdir():
+        (plain / path.name).write_bytes(path.read_bytes())
+    (plain / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    assert run_cli(tmp_path, caplog, model=str(plain), datasets=[{"path": str(data["messages"])}]) == 2
+    assert "marks no assistant tokens" in caplog.text and "assistant_only_loss: false" in caplog.text
+    assert run_cli(tmp_path, caplog, model=str(plain), datasets=[{"path": str(data["messages"])}], assistant_only_loss=False) == 0
+
+
+def test_bf16_weights_accumulate_in_fp32(llama, data, tmp_path):
+    fp32 = fisher_of(make_config(llama, data["text"], tmp_path / "fp32"))
+    bf16 = fisher_of(make_config(llama, data["text"], tmp_path / "bf16", dtype="bfloat16"))
+    assert all(t.dtype == torch.float32 for t in bf16.values())
+    assert_fisher_close(bf16, fp32, rtol=0.1)  # bf16 activations; the sums are fp32
