@@ -71,7 +71,7 @@ def assert_fisher_close(actual: dict, expected: dict, rtol=1e-4):
     for name in expected:
         scale = float(expected[name].abs().max())
         assert scale > 0, f"{name}: the reference is all zeros, the comparison would be empty"
-        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=rtol * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ---- exactness -------------------------------------------------------------------------------------------
