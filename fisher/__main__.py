@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from stack.atomic import staged_output
-from stack.source import open_source, sha256_file
+from stack.source import SourceError, open_source, sha256_file
 
 from .config import ConfigError, FisherConfig, config_to_dict, load_config
 from .data import DataError, load_examples
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, model=args.model, datasets=args.data, out=args.out)
         compute_and_write(config)
-    except (ConfigError, DataError, NonFiniteError, FileNotFoundError) as error:
+    except (ConfigError, DataError, NonFiniteError, SourceError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2
     return 0

@@ -104,7 +104,7 @@ def _from_hub(repo_id: str) -> Path:
                 f"model {repo_id!r} could not be fetched from the hub ({str(online_error).splitlines()[0]}) "
                 "and is not in the local HF cache. Download it on a machine with access "
                 f"(`hf download {repo_id} --local-dir DIR`), then pass the folder: "
-                "`make raw SOURCE=DIR` or `python -m stack RECIPE --source DIR`."
+                "`make raw SOURCE=DIR` / `python -m stack RECIPE --source DIR`, or `make fisher MODEL=DIR`."
             ) from None
 
 

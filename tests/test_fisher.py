@@ -356,3 +356,9 @@ def test_bf16_weights_accumulate_in_fp32(llama, data, tmp_path):
     bf16 = fisher_of(make_config(llama, data["text"], tmp_path / "bf16", dtype="bfloat16"))
     assert all(t.dtype == torch.float32 for t in bf16.values())
     assert_fisher_close(bf16, fp32, rtol=0.1)  # bf16 activations; the sums are fp32
+
+
+def test_unreachable_model_says_how_to_pass_a_local_one(data, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert run_cli(tmp_path, caplog, model="nobody/not-cached-model", datasets=[{"path": str(data["text"])}]) == 2
+    assert "is not in the local HF cache" in caplog.text
