@@ -1,0 +1,242 @@
+"""Fisher-subspace protection: the LoRA update of a targeted Linear never moves the source model's
+high-Fisher input and output coordinates.
+
+For a targeted Linear W [out, in] with source-model Fisher F [out, in]:
+
+  1. input coordinates are ranked by the column sums of F, output coordinates by the row sums;
+  2. the protected set is the smallest top-ranked set covering `mass_share` of the module's Fisher
+     mass, capped at `max_fraction` of the dimensions;
+  3. the adapter's update ΔW = scale · B A then satisfies, for every protected input coordinate k
+     and output coordinate o:  ΔW e_k = 0  and  e_oᵀ ΔW = 0.
+
+The guarantee is kept in the forward pass: A sees its input with the protected coordinates zeroed,
+and B's output has the protected coordinates zeroed. So no gradient ever reaches A[:, k] or
+B[o, :], and whatever the optimizer does to those entries (weight decay included), they cannot
+change the function. This works at every DeepSpeed ZeRO stage, because it acts on activations and
+never on (possibly partitioned) parameters or their gradients. `bake` zeroes those entries in the
+weights themselves before saving or `merge_and_unload`, so the saved adapter and the merged model
+hold the guarantee exactly, without hooks.
+
+Fisher comes keyed by the source checkpoint's names. `slot_fisher` maps it onto the stack through
+stack.json: every slot whose source layer is j gets layer j's Fisher. Grafted K/V weights have no
+source Fisher and stay unprotected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PROTECTION_FILE = "protection.safetensors"
+
+
+class ProtectionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ProtectionConfig:
+    mass_share: float = 0.75  # protect the fewest coordinates holding this share of a module's Fisher mass
+    max_fraction: float = 0.25  # ... but never more than this fraction of its input (or output) dimensions
+    first_copy_only: bool = False  # protect only the first slot holding a duplicated source layer
+
+    def __post_init__(self):
+        for name in ("mass_share", "max_fraction"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ProtectionError(f"protection {name} must be in (0, 1), got {value}")
+
+
+@dataclass(frozen=True)
+class ModuleProtection:
+    inputs: torch.Tensor  # protected input coordinates (int64, sorted)
+    outputs: torch.Tensor  # protected output coordinates (int64, sorted)
+    input_mass_covered: float  # share of the module's Fisher mass on the protected input coordinates
+    output_mass_covered: float
+
+    def report(self, shape: tuple[int, int]) -> dict:
+        return {"protected_inputs": len(self.inputs), "in_features": shape[1], "input_mass_covered": self.input_mass_covered,
+                "protected_outputs": len(self.outputs), "out_features": shape[0], "output_mass_covered": self.output_mass_covered}
+
+
+# ---- Fisher onto slots ------------------------------------------------------------------------------------
+
+
+def slot_fisher(fisher: dict[str, torch.Tensor], manifest: dict, first_copy_only: bool = False) -> dict[str, torch.Tensor]:
+    """Fisher keyed by source-layer weight names -> keyed by the stack's weight names.
+
+    Grafted K/V weights (a slot's k/v taken from another layer) get no entry: their source layer had
+    none, and the donor's Fisher measures another layer's use of them.
+    """
+    prefix = manifest["layer_prefix"]
+    by_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for name, values in fisher.items():
+        if not name.startswith(prefix):
+            raise ProtectionError(f"Fisher tensor {name!r} is not under the stack's layer prefix {prefix!r}; "
+                                  f"was it computed on {manifest['source']['model']!r}?")
+        layer, suffix = name[len(prefix):].split(".", 1)
+        by_layer.setdefault(int(layer), {})[suffix] = values
+    out, seen = {}, set()
+    for slot in manifest["slots"]:
+        layer = slot["source_layer"]
+        if first_copy_only and layer in seen:
+            continue
+        seen.add(layer)
+        for suffix, values in by_layer.get(layer, {}).items():
+            is_grafted_kv = slot["kv_graft_from"] is not None and suffix.startswith(("self_attn.k_proj.", "self_attn.v_proj."))
+            if not is_grafted_kv:
+                out[f"{prefix}{slot['index']}.{suffix}"] = values
+    return out
+
+
+def check_fisher_matches(fisher: dict[str, torch.Tensor], source_shapes: dict[str, tuple[int, ...]], source_model: str) -> None:
+    """Every Fisher tensor must name a weight of the stack's source model, with its shape."""
+    for name, values in sorted(fisher.items()):
+        if name not in source_shapes:
+            raise ProtectionError(f"Fisher tensor {name!r} is not a weight of the stack's source {source_model!r}; "
+                                  "compute the Fisher on the model the stack was built from")
+        if tuple(values.shape) != tuple(source_shapes[name]):
+            raise ProtectionError(f"Fisher tensor {name!r} has shape {list(values.shape)} but {source_model!r} has "
+                                  f"{list(source_shapes[name])}; the Fisher comes from a different model")
+
+
+# ---- which coordinates --------------------------------------------------------------------------------------
+
+
+def protected_coordinates(marginal: torch.Tensor, mass_share: float, max_fraction: float) -> tuple[torch.Tensor, float]:
+    """The fewest highest-mass coordinates holding `mass_share` of `marginal`'s total, capped at
+    floor(max_fraction · n); returns them sorted, and the share of mass they hold."""
+    marginal = marginal.double()
+    total = float(marginal.sum())
+    if total <= 0:
+        return torch.empty(0, dtype=torch.long), 0.0
+    order = torch.argsort(marginal, descending=True)
+    cumulative = torch.cumsum(marginal[order], 0)
+    needed = int(torch.searchsorted(cumulative, torch.tensor(mass_share * total, dtype=torch.float64))) + 1
+    count = min(needed, math.floor(max_fraction * marginal.numel()))
+    chosen = order[:count]
+    return torch.sort(chosen).values, float(marginal[chosen].sum()) / total
+
+
+def plan_protection(fisher: dict[str, torch.Tensor], module_names: list[str], config: ProtectionConfig) -> dict[str, ModuleProtection]:
+    """Protected coordinates of each targeted module (by module name) that has a Fisher."""
+    plan = {}
+    for module in module_names:
+        values = fisher.get(f"{module}.weight")
+        if values is None:
+            continue
+        inputs, input_share = protected_coordinates(values.sum(0), config.mass_share, config.max_fraction)
+        outputs, output_share = protected_coordinates(values.sum(1), config.mass_share, config.max_fraction)
+        plan[module] = ModuleProtection(inputs, outputs, input_share, output_share)
+    return plan
+
+
+# ---- enforcing it on PEFT LoRA layers ----------------------------------------------------------------------------
+
+
+class _KeepMask:
+    """1 everywhere but the protected coordinates, cached per (device, dtype) of the activations."""
+
+    def __init__(self, size: int, protected: torch.Tensor):
+        self.size, self.protected, self.cache = size, protected, {}
+
+    def like(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = (tensor.device, tensor.dtype)
+        if key not in self.cache:
+            mask = torch.ones(self.size, dtype=tensor.dtype, device=tensor.device)
+            mask[self.protected.to(tensor.device)] = 0
+            self.cache[key] = mask
+        return self.cache[key]
+
+
+def attach(model: nn.Module, plan: dict[str, ModuleProtection], adapter: str = "default") -> list:
+    """Mask the protected coordinates in every planned LoRA layer's forward; returns the hook handles."""
+    handles = []
+    for name, lora_layer in _lora_layers(model, plan):
+        protection = plan[name]
+        lora_a, lora_b = lora_layer.lora_A[adapter], lora_layer.lora_B[adapter]
+        if len(protection.inputs):
+            handles.append(lora_a.register_forward_pre_hook(_mask_input_hook(protection.inputs, lora_layer.in_features)))
+        if len(protection.outputs):
+            handles.append(lora_b.register_forward_hook(_mask_output_hook(protection.outputs, lora_layer.out_features)))
+    return handles
+
+
+def _mask_input_hook(protected: torch.Tensor, size: int):
+    keep = _KeepMask(size, protected)
+
+    def hook(_module, args):
+        return (args[0] * keep.like(args[0]),) + tuple(args[1:])
+    return hook
+
+
+def _mask_output_hook(protected: torch.Tensor, size: int):
+    keep = _KeepMask(size, protected)
+
+    def hook(_module, _args, output):
+        return output * keep.like(output)
+    return hook
+
+
+@torch.no_grad()
+def bake(model: nn.Module, plan: dict[str, ModuleProtection], adapter: str = "default") -> None:
+    """Zero A[:, protected inputs] and B[protected outputs, :] in the weights: the function is
+    unchanged (the forward masks already ignore them); saved adapters and merges become exact."""
+    for name, lora_layer in _lora_layers(model, plan):
+        protection = plan[name]
+        lora_layer.lora_A[adapter].weight[:, protection.inputs.to(lora_layer.lora_A[adapter].weight.device)] = 0
+        lora_layer.lora_B[adapter].weight[protection.outputs.to(lora_layer.lora_B[adapter].weight.device), :] = 0
+
+
+def _lora_layers(model: nn.Module, plan: dict[str, ModuleProtection]):
+    """(name in the base model, PEFT LoRA layer) for every planned module; every plan entry must be found."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            found[_base_name(name)] = module
+    missing = sorted(set(plan) - set(found))
+    if missing:
+        raise ProtectionError(f"{len(missing)} protected module(s) have no LoRA layer, e.g. {missing[0]!r}; "
+                              "protect only modules the LoRA targets")
+    return [(name, found[name]) for name in sorted(plan)]
+
+
+def _base_name(peft_name: str) -> str:
+    """'base_model.model.model.layers.3.mlp.up_proj' -> 'model.layers.3.mlp.up_proj'."""
+    return peft_name.removeprefix("base_model.model.")
+
+
+# ---- the audit file --------------------------------------------------------------------------------------------
+
+
+def save_protection(path: Path, plan: dict[str, ModuleProtection], shapes: dict[str, tuple[int, int]], config: ProtectionConfig) -> None:
+    """protection.safetensors: '{module}.inputs' and '{module}.outputs' (int64 coordinates), and per
+    module the protected dims and the Fisher mass they cover, in the metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, protection in plan.items():
+        tensors[f"{name}.inputs"] = protection.inputs.contiguous()
+        tensors[f"{name}.outputs"] = protection.outputs.contiguous()
+    report = {name: protection.report(shapes[name]) for name, protection in plan.items()}
+    metadata = {"format": "pt", "protection": json.dumps({"config": config.__dict__, "modules": report})}
+    save_file(tensors, path, metadata=metadata)
+
+
+def load_protection(path: Path) -> dict[str, ModuleProtection]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        report = json.loads(f.metadata()["protection"])["modules"]
+        return {
+            name: ModuleProtection(f.get_tensor(f"{name}.inputs"), f.get_tensor(f"{name}.outputs"),
+                                   entry["input_mass_covered"], entry["output_mass_covered"])
+            for name, entry in report.items()
+        }

@@ -1,0 +1,167 @@
+"""Fisher-subspace protection: selection, mapping through stack.json, and the exact guarantee
+after training with weight decay and merge_and_unload (with negative controls)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from heal.protection import (
+    ProtectionConfig,
+    ProtectionError,
+    attach,
+    bake,
+    check_fisher_matches,
+    load_protection,
+    plan_protection,
+    protected_coordinates,
+    save_protection,
+    slot_fisher,
+)
+
+from .checkpoints import load_tensors
+from .conftest import SEED_SOURCE_LAYERS
+
+LAYERS = "model.language_model.layers."
+
+
+def test_protected_coordinates_are_the_fewest_covering_the_share():
+    marginal = torch.tensor([1.0, 10.0, 3.0, 6.0])  # total 20
+    assert protected_coordinates(marginal, 0.5, 0.9)[0].tolist() == [1]  # 10/20 = 0.5 exactly
+    chosen, share = protected_coordinates(marginal, 0.75, 0.9)
+    assert chosen.tolist() == [1, 3] and share == pytest.approx(0.8)
+    assert protected_coordinates(marginal, 0.99, 0.5)[0].tolist() == [1, 3]  # capped at floor(0.5 * 4)
+    assert protected_coordinates(torch.zeros(4), 0.5, 0.5)[0].numel() == 0
+
+
+@pytest.mark.parametrize("field, value", [("mass_share", 0.0), ("mass_share", 1.0), ("max_fraction", 1.5), ("max_fraction", -0.1)])
+def test_shares_outside_zero_one_are_rejected(field, value):
+    with pytest.raises(ProtectionError, match=f"protection {field} must be in \\(0, 1\\), got {value}"):
+        ProtectionConfig(**{field: value})
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_e6b):
+    return json.loads((tiny_e6b / "stack.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def source_fisher(tiny_e4b):
+    """A positive stand-in Fisher keyed like fisher.safetensors: every 2-D decoder weight of the source."""
+    generator = torch.Generator().manual_seed(0)
+    return {name: torch.rand(t.shape, generator=generator) ** 4 for name, t in load_tensors(tiny_e4b).items()
+            if name.startswith(LAYERS) and t.dim() == 2}
+
+
+def test_fisher_maps_to_every_slot_holding_the_source_layer(source_fisher, manifest):
+    mapped = slot_fisher(source_fisher, manifest)
+    for slot, layer in enumerate(SEED_SOURCE_LAYERS):
+        for kind in ("mlp.up_proj.weight", "self_attn.q_proj.weight", "per_layer_input_gate.weight"):
+            assert torch.equal(mapped[f"{LAYERS}{slot}.{kind}"], source_fisher[f"{LAYERS}{layer}.{kind}"])
+    # Slots 32-33 carry k/v grafted from L22: no source Fisher for them, so unprotected.
+    assert f"{LAYERS}32.self_attn.k_proj.weight" not in mapped and f"{LAYERS}32.self_attn.q_proj.weight" in mapped
+    assert f"{LAYERS}31.self_attn.k_proj.weight" in mapped
+
+
+def test_first_copy_only(source_fisher, manifest):
+    mapped = slot_fisher(source_fisher, manifest, first_copy_only=True)
+    assert f"{LAYERS}10.mlp.up_proj.weight" in mapped and f"{LAYERS}18.mlp.up_proj.weight" not in mapped  # both are L10
+
+
+def test_fisher_from_another_model_names_the_first_mismatch(source_fisher, tiny_e4b):
+    shapes = {n: tuple(t.shape) for n, t in load_tensors(tiny_e4b).items()}
+    check_fisher_matches(source_fisher, shapes, "tiny")
+    wrong = dict(source_fisher, **{f"{LAYERS}0.mlp.down_proj.weight": torch.ones(3, 3)})
+    with pytest.raises(ProtectionError, match=rf"{LAYERS}0\.mlp\.down_proj\.weight' has shape \[3, 3\] but 'tiny' has \[64, 128\]"):
+        check_fisher_matches(wrong, shapes, "tiny")
+    with pytest.raises(ProtectionError, match="is not a weight of the stack's source"):
+        check_fisher_matches({"model.layers.0.mlp.up_proj.weight": torch.ones(1)}, shapes, "tiny")
+
+
+# ---- the guarantee -----------------------------------------------------------------------------------------------
+
+SEAM_SLOTS = (17, 18)
+TARGETS = [f"{LAYERS}{slot}.{kind}" for slot in SEAM_SLOTS
+           for kind in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "per_layer_input_gate")]
+
+
+def heal_steps(stack_dir, plan, protect: bool, bake_before_merge: bool = True):
+    """A few AdamW steps with weight decay on seam LoRA, then merge. Returns (base weights, merged weights)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(stack_dir, dtype=torch.float32)
+    base = {name: model.get_submodule(name).weight.detach().clone() for name in TARGETS}
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    if protect:
+        attach(peft_model, plan)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.5)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(4):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if protect and bake_before_merge:
+        bake(peft_model, plan)
+    merged = peft_model.merge_and_unload()
+    return base, {name: merged.get_submodule(name).weight.detach() for name in TARGETS}
+
+
+@pytest.fixture(scope="module")
+def plan(source_fisher, manifest):
+    return plan_protection(slot_fisher(source_fisher, manifest), TARGETS, ProtectionConfig(mass_share=0.5, max_fraction=0.25))
+
+
+def test_protected_directions_are_unchanged_after_training_and_merge(tiny_e6b, plan):
+    base, merged = heal_steps(tiny_e6b, plan, protect=True)
+    for name, protection in plan.items():
+        assert len(protection.inputs) and len(protection.outputs), name
+        assert torch.equal(merged[name][:, protection.inputs], base[name][:, protection.inputs]), f"{name}: ΔW·e_k != 0"
+        assert torch.equal(merged[name][protection.outputs, :], base[name][protection.outputs, :]), f"{name}: e_oᵀ·ΔW != 0"
+        free = torch.ones_like(base[name], dtype=torch.bool)
+        free[:, protection.inputs] = False
+        free[protection.outputs, :] = False
+        assert not torch.equal(merged[name][free], base[name][free]), f"{name}: the adapter did not train"
+
+
+def test_without_protection_the_same_directions_change(tiny_e6b, plan):
+    base, merged = heal_steps(tiny_e6b, plan, protect=False)
+    changed = [name for name, p in plan.items() if not torch.equal(merged[name][:, p.inputs], base[name][:, p.inputs])]
+    assert len(changed) == len(plan)
+
+
+def test_without_bake_weight_decay_leaks_into_the_merge(tiny_e6b, plan):
+    """The forward masks keep the function exact, but A[:, k] still holds its (decayed) init: merging
+    those weights unbaked would move the protected columns. bake() is what makes the merge exact."""
+    base, merged = heal_steps(tiny_e6b, plan, protect=True, bake_before_merge=False)
+    assert any(not torch.equal(merged[n][:, p.inputs], base[n][:, p.inputs]) for n, p in plan.items())
+
+
+def test_attached_masks_zero_the_adapter_on_protected_inputs(tiny_e6b, plan):
+    model = AutoModelForCausalLM.from_pretrained(tiny_e6b, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False))
+    attach(peft_model, plan)
+    name = TARGETS[2]
+    layer = peft_model.base_model.model.get_submodule(name)
+    protected_input = torch.zeros(layer.in_features)
+    protected_input[plan[name].inputs[0]] = 1.0
+    assert torch.equal(layer(protected_input[None]), layer.base_layer(protected_input[None]))
+
+
+def test_protection_file_round_trips(tmp_path, plan):
+    shapes = {name: (64, 64) for name in plan}
+    save_protection(tmp_path / "protection.safetensors", plan, shapes, ProtectionConfig(mass_share=0.5, max_fraction=0.25))
+    loaded = load_protection(tmp_path / "protection.safetensors")
+    assert loaded.keys() == plan.keys()
+    for name in plan:
+        assert torch.equal(loaded[name].inputs, plan[name].inputs) and torch.equal(loaded[name].outputs, plan[name].outputs)
+        assert loaded[name].input_mass_covered == pytest.approx(plan[name].input_mass_covered)
+
+
+def test_protecting_an_untargeted_module_is_an_error(tiny_e6b, plan):
+    model = AutoModelForCausalLM.from_pretrained(tiny_e6b, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS[:1]))
+    with pytest.raises(ProtectionError, match="have no LoRA layer"):
+        attach(peft_model, plan)
