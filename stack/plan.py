@@ -2,7 +2,7 @@
 
 Planning reads only config.json and safetensors headers. It validates the topology (ranges,
 attention types, KV sharing) and then checks the planned tensor names and shapes against the
-model transformers would build from the planned config (on the meta device, so no memory), so a
+model transformers would build from the planned config (on the meta device, so no memory). A
 plan that would load with missing, unexpected or mismatched keys never reaches the writer.
 """
 
@@ -109,7 +109,7 @@ class StackPlan:
 # ---- planning -------------------------------------------------------------------------------------
 
 
-def build_plan(recipe: Recipe, source: SourceCheckpoint, check_with_transformers: bool = True) -> StackPlan:
+def build_plan(recipe: Recipe, source: SourceCheckpoint) -> StackPlan:
     arch = architecture_for(source.config.get("model_type"), source.model)
     text = _text_config(source.config, arch, source.model)
     num_layers = int(text["num_hidden_layers"])
@@ -133,8 +133,7 @@ def build_plan(recipe: Recipe, source: SourceCheckpoint, check_with_transformers
         config=config,
         recipe=recipe,
     )
-    if check_with_transformers:
-        check_against_transformers(plan)
+    check_against_transformers(plan)
     return plan
 
 
@@ -162,11 +161,15 @@ def _check_dtype(recipe: Recipe, source: SourceCheckpoint) -> None:
     wanted = _RECIPE_DTYPES.get(str(recipe.dtype))
     if wanted is None:
         raise PlanError(f"recipe dtype {recipe.dtype!r} is not one of {sorted(_RECIPE_DTYPES)}")
-    floating = {info.dtype for info in source.tensors.values() if info.dtype in _RECIPE_DTYPES.values()}
-    if floating != {wanted}:
+    # The weights' dtype is the one holding most bytes: a few small tensors (scalars, clip bounds) may be F32.
+    bytes_by_dtype: dict[str, int] = {}
+    for info in source.tensors.values():
+        bytes_by_dtype[info.dtype] = bytes_by_dtype.get(info.dtype, 0) + info.nbytes
+    stored = max(bytes_by_dtype, key=bytes_by_dtype.get)
+    if stored != wanted:
         raise PlanError(
-            f"recipe dtype {recipe.dtype!r} but model {source.model!r} stores {sorted(floating)}; the stacker copies "
-            "bytes and never casts, so drop `dtype` from the recipe or set it to the checkpoint's dtype"
+            f"recipe dtype {recipe.dtype!r} but model {source.model!r} stores its weights as {stored}; the stacker "
+            "copies bytes and never casts, so drop `dtype` from the recipe or set it to the checkpoint's dtype"
         )
 
 

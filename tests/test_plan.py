@@ -155,3 +155,10 @@ def test_a_plan_whose_kv_roles_disagree_with_transformers_is_rejected(tiny_e4b):
     slots = tuple(dataclasses.replace(s, kv_role="own") if s.index == 39 else s for s in plan.slots)
     with pytest.raises(PlanError, match="transformers reads kv_sharing_modes"):
         check_against_transformers(dataclasses.replace(plan, slots=slots))
+
+
+def test_recipe_dtype_must_match_the_checkpoint(tiny_llama, tmp_path, caplog):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: passthrough\ndtype: float16\nslices:\n  - sources: [{model: m, layer_range: [0, 6]}]\n")
+    assert run_stack(recipe, tiny_llama, tmp_path / "out") == 2
+    assert "recipe dtype 'float16' but model" in caplog.text and "stores its weights as BF16" in caplog.text
