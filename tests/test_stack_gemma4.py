@@ -169,3 +169,23 @@ def test_logits_comparison_detects_a_changed_stack(tiny_e4b, tmp_path):
     stacked_model = assert_loads_clean(out, Gemma4ForConditionalGeneration)
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     assert not torch.equal(logits(stacked_model, ids), logits(source_model.eval(), ids))
+
+
+def test_a_config_with_global_head_dim_instead_of_per_layer_config(tiny_e4b, tmp_path):
+    """Configs written before per_layer_config existed give global_head_dim; transformers derives the
+    per-layer head_dim from layer_types, so the re-sequenced layer_types must carry it."""
+    import shutil
+
+    source = tmp_path / "e4b-global-head-dim"
+    shutil.copytree(tiny_e4b, source)
+    config = load_config(source)
+    del config["text_config"]["per_layer_config"]
+    config["text_config"]["global_head_dim"] = 32
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "e6b"
+    assert run_stack(write_recipe(tmp_path / "r.yaml", [(0, 18), (10, 26), (18, 34), (26, 42)]), source, out) == 0
+    text = load_config(out)["text_config"]
+    assert "per_layer_config" not in text and text["global_head_dim"] == 32
+    model = assert_loads_clean(out, Gemma4ForConditionalGeneration)
+    assert [layer.self_attn.head_dim for layer in model.model.language_model.layers] == [
+        32 if j % 6 == 5 else 16 for j in SEED_SOURCE_LAYERS]
