@@ -53,9 +53,8 @@ class DataStats:
 def load_examples(config: FisherConfig, tokenizer) -> tuple[list[Example], DataStats]:
     stats = DataStats()
     examples: list[Example] = []
-    counts = _rows_per_dataset(config)
-    for index, spec in enumerate(config.datasets):
-        dataset = _select_rows(_with_trl_columns(_load(spec), spec, config), counts[index], config.seed)
+    selected = load_trl_datasets(config.datasets, config.num_examples, config.seed, config.dataset_text_field)
+    for index, (spec, dataset) in enumerate(zip(config.datasets, selected)):
         stats.rows[spec.path] = len(dataset)
         dataset = dataset.add_column("example_id", [(index << 32) | int(row) for row in dataset["_row"]])
         tokenized = _tokenize_with_trl(dataset, spec, tokenizer, config)
@@ -74,11 +73,18 @@ def load_examples(config: FisherConfig, tokenizer) -> tuple[list[Example], DataS
     return examples, stats
 
 
-def _rows_per_dataset(config: FisherConfig) -> list[int | None]:
-    if config.num_examples is None:
-        return [None] * len(config.datasets)
-    total = sum(spec.weight for spec in config.datasets)
-    return [max(1, round(config.num_examples * spec.weight / total)) for spec in config.datasets]
+def load_trl_datasets(specs: tuple[DatasetSpec, ...], num_examples: int | None, seed: int, text_field: str = "text") -> list:
+    """Each dataset loaded, its columns renamed to TRL's fields (plus `_row`, the source row index),
+    and `num_examples` split across them by weight (a seeded shuffle, then the first rows)."""
+    counts = _rows_per_dataset(specs, num_examples)
+    return [_select_rows(_with_trl_columns(_load(spec), spec, text_field), count, seed) for spec, count in zip(specs, counts)]
+
+
+def _rows_per_dataset(specs: tuple[DatasetSpec, ...], num_examples: int | None) -> list[int | None]:
+    if num_examples is None:
+        return [None] * len(specs)
+    total = sum(spec.weight for spec in specs)
+    return [max(1, round(num_examples * spec.weight / total)) for spec in specs]
 
 
 def _load(spec: DatasetSpec):
@@ -101,7 +107,7 @@ def _load(spec: DatasetSpec):
         raise DataError(f"could not load dataset {spec.path!r} (split {spec.split!r}): {error}") from error
 
 
-def _with_trl_columns(dataset, spec: DatasetSpec, config: FisherConfig):
+def _with_trl_columns(dataset, spec: DatasetSpec, text_field: str):
     """Rename the dataset's columns to TRL's field names and keep only those."""
     renames = dict(spec.columns or {})
     missing = sorted(column for column in renames.values() if column not in dataset.column_names)
@@ -113,12 +119,12 @@ def _with_trl_columns(dataset, spec: DatasetSpec, config: FisherConfig):
         keep = ["messages"]
     elif {"prompt", "completion"} <= present:
         keep = ["prompt", "completion"]
-    elif config.dataset_text_field in present:
-        keep = [config.dataset_text_field]
+    elif text_field in present:
+        keep = [text_field]
     else:
         raise DataError(
             f"dataset {spec.path!r} has columns {dataset.column_names}, none in a TRL format: 'messages', "
-            f"'prompt' + 'completion', or '{config.dataset_text_field}'. Map yours with columns: "
+            f"'prompt' + 'completion', or '{text_field}'. Map yours with columns: "
             "{prompt: your_question_column, completion: your_answer_column}"
         )
     dataset = dataset.select_columns(keep)

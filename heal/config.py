@@ -1,0 +1,80 @@
+"""Typed configuration of a heal. One flat YAML: keys are the fields of HealConfig (below) or of
+TRL's SFTConfig (the trainer). Unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fisher.config import DatasetSpec
+
+
+class HealConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    stack: str  # the raw stack folder written by `python -m stack` (checkpoint + stack.json)
+    datasets: tuple[DatasetSpec, ...]
+    fisher: str | None = None  # fisher.safetensors of the stack's source model; None: no protection
+    num_examples: int | None = None  # rows drawn from the dataset mixture (None: all)
+    # What gets LoRA (heal/targets.py): slots within ±seam_width of each seam, the grafted k/v.
+    seam_width: int = 2
+    modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    all_layers: bool = False
+    targets: tuple[str, ...] | None = None  # explicit module names instead (stack.json then optional)
+    # LoRA rank and alpha per group.
+    seam_r: int = 16
+    seam_alpha: int = 32
+    graft_r: int = 16
+    graft_alpha: int = 32
+    other_r: int = 8
+    other_alpha: int = 16
+    lora_dropout: float = 0.0
+    # Fisher-subspace protection (heal/protection.py).
+    protect: bool = True
+    mass_share: float = 0.75
+    max_fraction: float = 0.25
+    first_copy_only: bool = False
+    merge: bool = False  # also write OUTPUT_DIR/merged: the healed full model in the raw stack's layout
+
+    def __post_init__(self):
+        if self.protect and self.fisher is None:
+            raise HealConfigError("protect: true needs `fisher:` (a fisher.safetensors); set protect: false to heal without it")
+        if self.seam_width < 1:
+            raise HealConfigError(f"seam_width must be >= 1, got {self.seam_width}")
+
+
+def load_config(path: str | Path, **overrides: Any):
+    """(HealConfig, SFTConfig) from one YAML, with `overrides` (same keys) applied on top."""
+    from trl import SFTConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise HealConfigError(f"recipe {str(path)!r} does not exist; pass a YAML such as recipes/heal.yaml")
+    raw = {**(yaml.safe_load(path.read_text()) or {}), **overrides}
+    heal_keys = {f.name for f in fields(HealConfig)}
+    sft_keys = {f.name for f in fields(SFTConfig)}
+    unknown = sorted(set(raw) - heal_keys - sft_keys)
+    if unknown:
+        raise HealConfigError(f"{path}: unknown key(s) {unknown}; keys are HealConfig fields (heal/config.py) or SFTConfig fields")
+    heal_raw = {k: v for k, v in raw.items() if k in heal_keys}
+    specs = tuple(DatasetSpec(**spec) for spec in heal_raw.pop("datasets", []) or [])
+    if not specs:
+        raise HealConfigError(f"{path}: `datasets` is empty; give at least one {{path: ...}}")
+    for key in ("modules", "targets"):
+        if heal_raw.get(key) is not None:
+            heal_raw[key] = tuple(heal_raw[key])
+    heal = HealConfig(datasets=specs, **heal_raw)
+    sft = SFTConfig(**{k: v for k, v in raw.items() if k in sft_keys})
+    return heal, sft
+
+
+def config_to_dict(heal: HealConfig, sft) -> dict[str, Any]:
+    return {"heal": dataclasses.asdict(heal), "sft": sft.to_dict()}

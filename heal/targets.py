@@ -1,0 +1,58 @@
+"""Which Linear modules of the raw stack get LoRA, and in which group, from stack.json.
+
+Groups (each with its own rank and alpha):
+  seam   every targeted projection of the slots within ±seam_width of a seam: for a seam at slot
+         s (between s-1 and s), slots s-seam_width .. s+seam_width-1;
+  graft  k_proj and v_proj of slots whose K/V weights were grafted from another layer;
+  other  with all_layers: everything else.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+GRAFT_MODULES = ("self_attn.k_proj", "self_attn.v_proj")
+
+
+class TargetError(ValueError):
+    pass
+
+
+def select_targets(model: nn.Module, manifest: dict, modules: tuple[str, ...], seam_width: int,
+                   all_layers: bool = False) -> dict[str, str]:
+    """{module name in the model: group} for every nn.Linear of the text decoder that is targeted."""
+    prefix = manifest["layer_prefix"]
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.(.+)$")
+    seam_slots = {s for seam in manifest["seams"] for s in range(seam["slot"] - seam_width, seam["slot"] + seam_width)}
+    grafted = {slot["index"] for slot in manifest["slots"] if slot["kv_graft_from"] is not None}
+    groups, kinds = {}, set()
+    for name, module in model.named_modules():
+        match = pattern.match(name)
+        if not (match and isinstance(module, nn.Linear)):
+            continue
+        slot, kind = int(match.group(1)), match.group(2)
+        kinds.update({kind, kind.split(".")[-1]})
+        if slot in grafted and kind in GRAFT_MODULES:
+            groups[name] = "graft"
+        elif kind.split(".")[-1] in modules or kind in modules:
+            if slot in seam_slots:
+                groups[name] = "seam"
+            elif all_layers:
+                groups[name] = "other"
+    unknown = [m for m in modules if m not in kinds]
+    if unknown or not groups:
+        raise TargetError(f"modules {unknown or list(modules)} match no Linear of the decoder layers under {prefix!r} "
+                          f"(seam_width {seam_width}); the layers have {sorted(k for k in kinds if '.' not in k)}")
+    return dict(sorted(groups.items()))
+
+
+def explicit_targets(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """An explicit `targets:` list (no stack.json needed): every name must be a Linear of the model."""
+    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    missing = [name for name in names if name not in linears]
+    if missing:
+        raise TargetError(f"targets {missing[:3]} are not Linear modules of the model (e.g. "
+                          f"{sorted(linears)[:2]}); give full module names")
+    return {name: "other" for name in names}

@@ -1,0 +1,180 @@
+"""Heal a raw stack: LoRA on the seam slots, Fisher-subspace protected, with TRL's SFTTrainer.
+
+    accelerate launch heal/train.py recipes/heal.yaml
+    python heal/train.py --config recipes/heal.yaml        # one process
+
+Targets come from the stack's stack.json (heal/targets.py). The protected coordinates come from the
+source model's Fisher, mapped onto the slots (heal/protection.py), and are masked in every LoRA
+forward. Output, in `output_dir`: the PEFT adapter, protection.safetensors (the protected
+coordinates, for audit), the training metrics and, with `merge: true`, `merged/`: the healed full
+model in the raw stack's layout, with its stack.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from fisher.data import load_trl_datasets
+from heal.config import HealConfig, HealConfigError, config_to_dict, load_config
+from heal.protection import (
+    PROTECTION_FILE,
+    ModuleProtection,
+    ProtectionConfig,
+    ProtectionError,
+    attach,
+    bake,
+    check_fisher_matches,
+    plan_protection,
+    save_protection,
+    slot_fisher,
+)
+from heal.targets import TargetError, explicit_targets, select_targets
+from stack.atomic import staged_output
+
+logger = logging.getLogger("heal")
+
+MANIFEST = "stack.json"
+USER_ERRORS = (HealConfigError, TargetError, ProtectionError, FileNotFoundError)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heal/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", nargs="?", help="heal recipe YAML (HealConfig and SFTConfig fields)")
+    parser.add_argument("--config", help="the recipe, as a flag (alignment-handbook style)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = args.recipe or args.config
+    if not recipe:
+        make_parser().error("give the recipe: heal/train.py recipes/heal.yaml")
+    try:
+        heal, sft = load_config(recipe)
+        run(heal, sft)
+    except USER_ERRORS as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+def run(heal: HealConfig, sft) -> None:
+    from datasets import concatenate_datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    logger.info("resolved config:\n%s", json.dumps(config_to_dict(heal, sft), indent=2, default=str))
+    stack_dir = Path(heal.stack)
+    manifest = _manifest(stack_dir, required=heal.targets is None)
+    model = AutoModelForCausalLM.from_pretrained(stack_dir, dtype=torch.bfloat16 if sft.bf16 else torch.float32)
+    groups = explicit_targets(model, list(heal.targets)) if heal.targets else select_targets(model, manifest, heal.modules, heal.seam_width, heal.all_layers)
+    logger.info("LoRA targets (%d modules):\n%s", len(groups), "\n".join(f"  {group:<5} {name}" for name, group in groups.items()))
+    plan = _protection_plan(heal, manifest, model, list(groups)) if heal.protect else {}
+
+    rank = {"seam": heal.seam_r, "graft": heal.graft_r, "other": heal.other_r}
+    alpha = {"seam": heal.seam_alpha, "graft": heal.graft_alpha, "other": heal.other_alpha}
+    lora = LoraConfig(
+        r=heal.seam_r, lora_alpha=heal.seam_alpha, lora_dropout=heal.lora_dropout, task_type="CAUSAL_LM",
+        target_modules=list(groups),
+        rank_pattern={f"^{name}$": rank[group] for name, group in groups.items()},
+        alpha_pattern={f"^{name}$": alpha[group] for name, group in groups.items()},
+    )
+    parts = load_trl_datasets(heal.datasets, heal.num_examples, sft.seed, sft.dataset_text_field)
+    dataset = concatenate_datasets([part.remove_columns("_row") for part in parts])
+    tokenizer = AutoTokenizer.from_pretrained(stack_dir)
+    trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    if plan:
+        attach(trainer.model, plan)
+        # Zero the protected entries now: the masks give them exactly zero gradient, so AdamW's moments
+        # stay 0 and decoupled weight decay keeps 0 at 0: every checkpoint's adapter is exact too.
+        bake(trainer.model, plan)
+    trainer.train(resume_from_checkpoint=_last_checkpoint(sft))
+
+    bake(trainer.model, plan)
+    trainer.save_model(sft.output_dir)
+    if trainer.accelerator.is_main_process:
+        if plan:
+            save_protection(Path(sft.output_dir) / PROTECTION_FILE, plan, _shapes(model, plan), _protection_config(heal))
+        if heal.merge:
+            _write_merged(trainer.model, tokenizer, stack_dir, Path(sft.output_dir) / "merged")
+
+
+def _last_checkpoint(sft) -> str | None:
+    """Resume from the newest checkpoint in output_dir, if there is one (a rerun continues, never restarts)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(sft.output_dir)
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last:
+        logger.info("resuming from %s", last)
+    return last
+
+
+def _manifest(stack_dir: Path, required: bool) -> dict | None:
+    path = stack_dir / MANIFEST
+    if path.is_file():
+        return json.loads(path.read_text())
+    if required:
+        raise FileNotFoundError(f"{path} not found: heal targets come from the stack manifest. Point `stack:` at a folder "
+                                "written by `python -m stack`, or list the modules to train in `targets:`")
+    return None
+
+
+def _protection_config(heal: HealConfig) -> ProtectionConfig:
+    return ProtectionConfig(mass_share=heal.mass_share, max_fraction=heal.max_fraction, first_copy_only=heal.first_copy_only)
+
+
+def _protection_plan(heal: HealConfig, manifest: dict | None, model, modules: list[str]) -> dict[str, ModuleProtection]:
+    from safetensors.torch import load_file
+
+    if manifest is None:
+        raise HealConfigError("protection maps the source Fisher onto slots through stack.json, which this stack lacks")
+    fisher = load_file(heal.fisher)
+    check_fisher_matches(fisher, _source_shapes(model, manifest), manifest["source"]["model"])
+    plan = plan_protection(slot_fisher(fisher, manifest, heal.first_copy_only), modules, _protection_config(heal))
+    shapes = _shapes(model, plan)
+    for name, protection in plan.items():
+        logger.info("protect %s: %s", name, protection.report(shapes[name]))
+    return plan
+
+
+def _source_shapes(model, manifest: dict) -> dict[str, tuple[int, ...]]:
+    """Shape of each source-layer weight, read off the slots that hold it (K/V of grafted slots excluded)."""
+    prefix = manifest["layer_prefix"]
+    shapes = {}
+    for name, param in model.named_parameters():
+        if name.startswith(prefix):
+            index, suffix = name[len(prefix):].split(".", 1)
+            slot = manifest["slots"][int(index)]
+            if slot["kv_graft_from"] is None or not suffix.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+                shapes[f"{prefix}{slot['source_layer']}.{suffix}"] = tuple(param.shape)
+    return shapes
+
+
+def _shapes(model, plan) -> dict[str, tuple[int, int]]:
+    named = dict(model.named_modules())
+    return {name: tuple(named[name].base_layer.weight.shape if hasattr(named[name], "base_layer") else named[name].weight.shape)
+            for name in plan}
+
+
+def _write_merged(peft_model, tokenizer, stack_dir: Path, out_dir: Path) -> None:
+    """The healed full model, sharded like the raw stack, towers included, with the stack's manifest."""
+    merged = peft_model.merge_and_unload()
+    with staged_output(out_dir) as tmp:
+        merged.save_pretrained(tmp, max_shard_size="5GB")
+        tokenizer.save_pretrained(tmp)
+        shutil.copyfile(stack_dir / MANIFEST, tmp / MANIFEST)
+    logger.info("wrote the merged model to %s", out_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

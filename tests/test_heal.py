@@ -1,0 +1,146 @@
+"""heal/train.py on the tiny E6B, with a Fisher computed by fisher/ on the tiny E4B: the pipeline's
+three stages talking through files. Single process; the DeepSpeed ZeRO runs are not built yet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from fisher.__main__ import FISHER_FILE, compute_and_write
+from fisher.config import config_from_dict
+from heal.config import HealConfigError, load_config
+from heal.protection import PROTECTION_FILE, load_protection
+from heal.train import main
+
+from .checkpoints import assert_loads_clean, load_tensors
+from .conftest import REPO
+from .fisher_support import rows_for, write_jsonl
+
+LAYERS = "model.language_model.layers."
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("heal-data") / "chat.jsonl", rows_for("messages", 8))
+
+
+@pytest.fixture(scope="module")
+def e4b_fisher(tiny_e4b, chat, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e4b-fisher")
+    compute_and_write(config_from_dict({"model": str(tiny_e4b), "datasets": [{"path": str(chat)}], "out": str(out),
+                                        "dtype": "float32", "max_length": 64}))
+    return out / FISHER_FILE
+
+
+def heal_recipe(path, stack, fisher, chat, output_dir, **overrides):
+    recipe = {
+        "stack": str(stack), "fisher": str(fisher) if fisher else None, "datasets": [{"path": str(chat)}],
+        "seam_width": 1, "seam_r": 4, "seam_alpha": 8, "graft_r": 2, "graft_alpha": 4, "mass_share": 0.5, "max_fraction": 0.25,
+        "merge": True, "output_dir": str(output_dir), "max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 5e-2,
+        "weight_decay": 0.5, "max_length": 64, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "use_cpu": True, "bf16": False, "activation_checkpointing": False, "seed": 0, **overrides,
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def healed(tiny_e6b, e4b_fisher, chat, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("healed")
+    assert main([str(heal_recipe(folder / "heal.yaml", tiny_e6b, e4b_fisher, chat, folder / "out"))]) == 0
+    return folder / "out"
+
+
+def test_writes_adapter_protection_and_a_merged_stack(healed, tiny_e6b):
+    assert (healed / "adapter_model.safetensors").is_file() and (healed / "adapter_config.json").is_file()
+    assert (healed / PROTECTION_FILE).is_file()
+    merged = healed / "merged"
+    assert (merged / "stack.json").read_bytes() == (tiny_e6b / "stack.json").read_bytes()
+    assert_loads_clean(merged)
+
+
+def test_targets_are_the_seam_slots_and_the_grafted_kv(healed):
+    adapter = load_file(healed / "adapter_model.safetensors")
+    slots = {int(name.split("layers.")[1].split(".")[0]) for name in adapter}
+    assert slots == {17, 18, 33, 34, 49, 50} | {32}  # ±1 around seams 18, 34, 50; slot 32's grafted k/v
+    assert any("layers.32.self_attn.k_proj" in n for n in adapter) and not any("layers.32.mlp" in n for n in adapter)
+
+
+def test_protected_coordinates_are_unchanged_and_the_rest_moved(healed, tiny_e6b):
+    raw, merged = load_tensors(tiny_e6b), load_tensors(healed / "merged")
+    plan = load_protection(healed / PROTECTION_FILE)
+    assert plan and all(len(p.inputs) and len(p.outputs) for p in plan.values())
+    for module, protection in plan.items():
+        name = f"{module}.weight"
+        assert torch.equal(merged[name][:, protection.inputs], raw[name][:, protection.inputs]), name
+        assert torch.equal(merged[name][protection.outputs, :], raw[name][protection.outputs, :]), name
+        assert not torch.equal(merged[name], raw[name]), f"{name} did not train"
+    assert f"{LAYERS}32.self_attn.k_proj" not in plan  # grafted: no source Fisher, unprotected
+
+
+def test_untargeted_weights_are_bit_identical(healed, tiny_e6b):
+    raw, merged = load_tensors(tiny_e6b), load_tensors(healed / "merged")
+    adapter = load_file(healed / "adapter_model.safetensors")
+    targeted = {n.split("base_model.model.")[1].split(".lora_")[0] + ".weight" for n in adapter}
+    assert raw.keys() == merged.keys()
+    for name in raw.keys() - targeted:
+        assert torch.equal(raw[name], merged[name]), name
+
+
+def test_without_protection_the_same_coordinates_change(healed, tiny_e6b, chat, tmp_path):
+    assert main([str(heal_recipe(tmp_path / "heal.yaml", tiny_e6b, None, chat, tmp_path / "out", protect=False))]) == 0
+    raw, merged = load_tensors(tiny_e6b), load_tensors(tmp_path / "out" / "merged")
+    plan = load_protection(healed / PROTECTION_FILE)
+    changed = [m for m, p in plan.items() if not torch.equal(merged[f"{m}.weight"][:, p.inputs], raw[f"{m}.weight"][:, p.inputs])]
+    assert len(changed) == len(plan)
+
+
+# ---- recipes and bad input ------------------------------------------------------------------------------------
+
+
+def test_the_heal_recipe_loads():
+    heal, sft = load_config(REPO / "recipes" / "heal.yaml", use_cpu=True)  # the recipe is for GPUs (bf16)
+    assert heal.protect and heal.seam_width == 2 and sft.assistant_only_loss and sft.report_to == ["tensorboard"]
+
+
+def test_unknown_key(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
+    assert main([str(heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", seam_widht=2))]) == 2
+    assert "unknown key(s) ['seam_widht']" in caplog.text
+
+
+def test_missing_manifest(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
+    stack = tmp_path / "no-manifest"
+    shutil.copytree(tiny_e6b, stack)
+    (stack / "stack.json").unlink()
+    assert main([str(heal_recipe(tmp_path / "r.yaml", stack, e4b_fisher, chat, tmp_path / "o"))]) == 2
+    assert "stack.json not found" in caplog.text and "list the modules to train in `targets:`" in caplog.text
+
+
+def test_targets_that_match_nothing(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
+    assert main([str(heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", modules=["qkv_proj"]))]) == 2
+    assert "modules ['qkv_proj'] match no Linear of the decoder layers" in caplog.text
+
+
+def test_fisher_from_another_model(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
+    wrong = dict(load_file(e4b_fisher))
+    wrong[f"{LAYERS}3.mlp.up_proj.weight"] = torch.ones(7, 7)
+    save_file(wrong, tmp_path / "wrong.safetensors")
+    assert main([str(heal_recipe(tmp_path / "r.yaml", tiny_e6b, tmp_path / "wrong.safetensors", chat, tmp_path / "o"))]) == 2
+    assert f"Fisher tensor '{LAYERS}3.mlp.up_proj.weight' has shape [7, 7]" in caplog.text
+
+
+@pytest.mark.parametrize("share", [0.0, 1.5])
+def test_protected_share_outside_zero_one(tmp_path, tiny_e6b, e4b_fisher, chat, caplog, share):
+    assert main([str(heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", mass_share=share))]) == 2
+    assert f"protection mass_share must be in (0, 1), got {share}" in caplog.text
+
+
+def test_protect_needs_a_fisher(tmp_path, tiny_e6b, chat):
+    with pytest.raises(HealConfigError, match="protect: true needs `fisher:`"):
+        load_config(heal_recipe(tmp_path / "r.yaml", tiny_e6b, None, chat, tmp_path / "o"))
+    assert json.loads((tiny_e6b / "stack.json").read_text())["num_hidden_layers"] == 66
