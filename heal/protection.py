@@ -193,6 +193,23 @@ def bake(model: nn.Module, plan: dict[str, ModuleProtection], adapter: str = "de
         lora_layer.lora_B[adapter].weight[protection.outputs.to(lora_layer.lora_B[adapter].weight.device), :] = 0
 
 
+def bake_adapter_file(path: Path, plan: dict[str, ModuleProtection]) -> None:
+    """`bake` on a saved PEFT adapter (adapter_model.safetensors), whatever sharding trained it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    for module, protection in plan.items():
+        key = f"base_model.model.{module}"
+        tensors[f"{key}.lora_A.weight"][:, protection.inputs] = 0
+        tensors[f"{key}.lora_B.weight"][protection.outputs, :] = 0
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(tensors, tmp, metadata=metadata)
+    tmp.replace(path)
+
+
 def _lora_layers(model: nn.Module, plan: dict[str, ModuleProtection]):
     """(name in the base model, PEFT LoRA layer) for every planned module; every plan entry must be found."""
     from peft.tuners.lora import LoraLayer

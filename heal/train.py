@@ -6,8 +6,13 @@
 Targets come from the stack's stack.json (heal/targets.py). The protected coordinates come from the
 source model's Fisher, mapped onto the slots (heal/protection.py), and are masked in every LoRA
 forward. Output, in `output_dir`: the PEFT adapter, protection.safetensors (the protected
-coordinates, for audit), the training metrics and, with `merge: true`, `merged/`: the healed full
-model in the raw stack's layout, with its stack.json.
+coordinates, for audit), train_results.json and trainer_state.json (metrics and per-step log), and,
+with `merge: true`, `merged/`: the healed full model in the raw stack's layout, with its stack.json.
+A rerun with the same output_dir resumes from its last checkpoint.
+
+DeepSpeed on CPU (how the tests run ZeRO-2/3 with 2 processes over gloo):
+    DS_ACCELERATOR=cpu accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 2 \
+        heal/train.py recipe.yaml
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -30,6 +36,7 @@ from heal.protection import (
     ProtectionError,
     attach,
     bake,
+    bake_adapter_file,
     check_fisher_matches,
     plan_protection,
     save_protection,
@@ -59,11 +66,28 @@ def main(argv: list[str] | None = None) -> int:
         make_parser().error("give the recipe: heal/train.py recipes/heal.yaml")
     try:
         heal, sft = load_config(recipe)
+        _agree_on_world_size()
         run(heal, sft)
     except USER_ERRORS as error:
         logger.error("%s", error)
         return 2
     return 0
+
+
+def _agree_on_world_size() -> None:
+    """accelerate 1.15, DeepSpeed on a machine without CUDA (DS_ACCELERATOR=cpu, gloo): DeepSpeed brings up
+    the process group, but PartialState finds no backend of its own and records 1 process, so every
+    gather (TRL's metrics, saving) disagrees with the real world size. Take the ranks from
+    torch.distributed when the two disagree; on GPUs they always agree and nothing changes."""
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState()
+    if dist.is_initialized() and state.num_processes != dist.get_world_size():
+        logger.info("accelerate saw %d process(es), torch.distributed has %d: using torch.distributed's ranks",
+                    state.num_processes, dist.get_world_size())
+        state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
 
 
 def run(heal: HealConfig, sft) -> None:
@@ -79,6 +103,7 @@ def run(heal: HealConfig, sft) -> None:
     groups = explicit_targets(model, list(heal.targets)) if heal.targets else select_targets(model, manifest, heal.modules, heal.seam_width, heal.all_layers)
     logger.info("LoRA targets (%d modules):\n%s", len(groups), "\n".join(f"  {group:<5} {name}" for name, group in groups.items()))
     plan = _protection_plan(heal, manifest, model, list(groups)) if heal.protect else {}
+    shapes = _shapes(model, plan)
 
     rank = {"seam": heal.seam_r, "graft": heal.graft_r, "other": heal.other_r}
     alpha = {"seam": heal.seam_alpha, "graft": heal.graft_alpha, "other": heal.other_alpha}
@@ -97,15 +122,19 @@ def run(heal: HealConfig, sft) -> None:
         # Zero the protected entries now: the masks give them exactly zero gradient, so AdamW's moments
         # stay 0 and decoupled weight decay keeps 0 at 0: every checkpoint's adapter is exact too.
         bake(trainer.model, plan)
-    trainer.train(resume_from_checkpoint=_last_checkpoint(sft))
+    result = trainer.train(resume_from_checkpoint=_last_checkpoint(sft))
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()  # trainer_state.json: the per-step log history
 
-    bake(trainer.model, plan)
-    trainer.save_model(sft.output_dir)
+    trainer.save_model(sft.output_dir)  # gathers ZeRO-3 partitions
+    trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
+        output_dir = Path(sft.output_dir)
         if plan:
-            save_protection(Path(sft.output_dir) / PROTECTION_FILE, plan, _shapes(model, plan), _protection_config(heal))
+            bake_adapter_file(output_dir / "adapter_model.safetensors", plan)
+            save_protection(output_dir / PROTECTION_FILE, plan, shapes, _protection_config(heal))
         if heal.merge:
-            _write_merged(trainer.model, tokenizer, stack_dir, Path(sft.output_dir) / "merged")
+            _write_merged(stack_dir, output_dir, tokenizer)
 
 
 def _last_checkpoint(sft) -> str | None:
@@ -156,24 +185,33 @@ def _source_shapes(model, manifest: dict) -> dict[str, tuple[int, ...]]:
             index, suffix = name[len(prefix):].split(".", 1)
             slot = manifest["slots"][int(index)]
             if slot["kv_graft_from"] is None or not suffix.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
-                shapes[f"{prefix}{slot['source_layer']}.{suffix}"] = tuple(param.shape)
+                shapes[f"{prefix}{slot['source_layer']}.{suffix}"] = _shape(param)
     return shapes
 
 
+def _shape(param) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions hold the full shape in ds_shape
+
+
 def _shapes(model, plan) -> dict[str, tuple[int, int]]:
-    named = dict(model.named_modules())
-    return {name: tuple(named[name].base_layer.weight.shape if hasattr(named[name], "base_layer") else named[name].weight.shape)
-            for name in plan}
+    return {name: _shape(model.get_submodule(name).weight) for name in plan}
 
 
-def _write_merged(peft_model, tokenizer, stack_dir: Path, out_dir: Path) -> None:
-    """The healed full model, sharded like the raw stack, towers included, with the stack's manifest."""
-    merged = peft_model.merge_and_unload()
-    with staged_output(out_dir) as tmp:
+def _write_merged(stack_dir: Path, output_dir: Path, tokenizer) -> None:
+    """The healed full model from disk (raw stack + saved adapter), whatever ZeRO stage trained it:
+    sharded like the raw stack, towers included, with the stack's manifest."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # training is over: load whole on this one process, not through ZeRO-3's zero.Init
+    base = AutoModelForCausalLM.from_pretrained(stack_dir, dtype="auto")
+    merged = PeftModel.from_pretrained(base, output_dir).merge_and_unload()
+    with staged_output(output_dir / "merged") as tmp:
         merged.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         shutil.copyfile(stack_dir / MANIFEST, tmp / MANIFEST)
-    logger.info("wrote the merged model to %s", out_dir)
+    logger.info("wrote the merged model to %s", output_dir / "merged")
 
 
 if __name__ == "__main__":

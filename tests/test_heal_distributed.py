@@ -1,0 +1,71 @@
+"""heal/train.py under DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes over gloo (DS_ACCELERATOR=cpu),
+against a single-process run: same losses, and the protection guarantee after merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from heal.protection import PROTECTION_FILE, load_protection
+from heal.train import main
+
+from .checkpoints import load_tensors
+from .conftest import REPO
+from .fisher_support import rows_for, write_jsonl
+from .test_heal import e4b_fisher, heal_recipe  # noqa: F401  (fixture and recipe builder)
+
+GLOBAL_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """Every row the same conversation: batches are identical whatever the samplers' order."""
+    return write_jsonl(tmp_path_factory.mktemp("same-rows") / "chat.jsonl", rows_for("messages", 1) * 8)
+
+
+def losses(output_dir: Path) -> list[float]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_e6b, e4b_fisher, chat, tmp_path_factory):  # noqa: F811
+    folder = tmp_path_factory.mktemp("single")
+    recipe = heal_recipe(folder / "r.yaml", tiny_e6b, e4b_fisher, chat, folder / "out", max_steps=2,
+                         per_device_train_batch_size=GLOBAL_BATCH)
+    assert main([str(recipe)]) == 0
+    return folder / "out"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_two_processes_matches_one_and_keeps_the_guarantee(stage, single_process, tiny_e6b, e4b_fisher, chat, tmp_path):  # noqa: F811
+    recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "out", max_steps=2,
+                         per_device_train_batch_size=GLOBAL_BATCH // 2, use_cpu=False)
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", f"recipes/accelerate/zero{stage}.yaml",
+               "--num_processes", "2", "--main_process_port", str(free_port()), "heal/train.py", str(recipe)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "DeepSpeed" in run.stdout + run.stderr
+
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "out")), torch.tensor(losses(single_process)), rtol=2e-3, atol=0)
+    raw, merged = load_tensors(tiny_e6b), load_tensors(tmp_path / "out" / "merged")
+    plan = load_protection(tmp_path / "out" / PROTECTION_FILE)
+    for module, protection in plan.items():
+        name = f"{module}.weight"
+        assert torch.equal(merged[name][:, protection.inputs], raw[name][:, protection.inputs]), name
+        assert torch.equal(merged[name][protection.outputs, :], raw[name][protection.outputs, :]), name
+        assert not torch.equal(merged[name], raw[name]), f"{name} did not train"
