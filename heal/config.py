@@ -43,10 +43,14 @@ class HealConfig:
     max_fraction: float = 0.25
     first_copy_only: bool = False
     merge: bool = False  # also write OUTPUT_DIR/merged: the healed full model in the raw stack's layout
+    load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, one CUDA GPU)
 
     def __post_init__(self):
         if self.protect and self.fisher is None:
             raise HealConfigError("protect: true needs `fisher:` (a fisher.safetensors); set protect: false to heal without it")
+        if self.load_in_4bit and self.merge:
+            raise HealConfigError("merge: true with load_in_4bit: merge into the bf16 raw stack afterwards instead "
+                                  "(heal without merge, then rerun with merge: true and load_in_4bit: false to resume and merge)")
         if self.seam_width < 1:
             raise HealConfigError(f"seam_width must be >= 1, got {self.seam_width}")
 

@@ -99,7 +99,8 @@ def run(heal: HealConfig, sft) -> None:
     logger.info("resolved config:\n%s", json.dumps(config_to_dict(heal, sft), indent=2, default=str))
     stack_dir = Path(heal.stack)
     manifest = _manifest(stack_dir, required=heal.targets is None)
-    model = AutoModelForCausalLM.from_pretrained(stack_dir, dtype=torch.bfloat16 if sft.bf16 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(stack_dir, dtype=torch.bfloat16 if sft.bf16 else torch.float32,
+                                                 quantization_config=_quantization(heal))
     groups = explicit_targets(model, list(heal.targets)) if heal.targets else select_targets(model, manifest, heal.modules, heal.seam_width, heal.all_layers)
     logger.info("LoRA targets (%d modules):\n%s", len(groups), "\n".join(f"  {group:<5} {name}" for name, group in groups.items()))
     plan = _protection_plan(heal, manifest, model, list(groups)) if heal.protect else {}
@@ -113,8 +114,12 @@ def run(heal: HealConfig, sft) -> None:
         rank_pattern={f"^{name}$": rank[group] for name, group in groups.items()},
         alpha_pattern={f"^{name}$": alpha[group] for name, group in groups.items()},
     )
-    parts = load_trl_datasets(heal.datasets, heal.num_examples, sft.seed, sft.dataset_text_field)
-    dataset = concatenate_datasets([part.remove_columns("_row") for part in parts])
+    parts = [part.remove_columns("_row") for part in load_trl_datasets(heal.datasets, heal.num_examples, sft.seed, sft.dataset_text_field)]
+    formats = {tuple(part.column_names) for part in parts}
+    if len(formats) > 1:
+        raise HealConfigError(f"the datasets mix TRL formats {sorted(formats)}; SFTTrainer trains on one format at a "
+                              "time, so give datasets of one format (or convert them, e.g. text rows to messages)")
+    dataset = concatenate_datasets(parts)
     tokenizer = AutoTokenizer.from_pretrained(stack_dir)
     trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     if plan:
@@ -135,6 +140,19 @@ def run(heal: HealConfig, sft) -> None:
             save_protection(output_dir / PROTECTION_FILE, plan, shapes, _protection_config(heal))
         if heal.merge:
             _write_merged(stack_dir, output_dir, tokenizer)
+
+
+def _quantization(heal: HealConfig):
+    """QLoRA: NF4 base weights with bf16 compute, for single-GPU heals."""
+    if not heal.load_in_4bit:
+        return None
+    if not torch.cuda.is_available():
+        raise HealConfigError("load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes (`pip install -e '.[qlora]'`); "
+                              "set load_in_4bit: false to heal in bf16/fp32")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                              bnb_4bit_use_double_quant=True)
 
 
 def _last_checkpoint(sft) -> str | None:

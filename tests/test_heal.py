@@ -4,6 +4,7 @@ three stages talking through files. Single process; the DeepSpeed ZeRO runs are 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -144,3 +145,28 @@ def test_protect_needs_a_fisher(tmp_path, tiny_e6b, chat):
     with pytest.raises(HealConfigError, match="protect: true needs `fisher:`"):
         load_config(heal_recipe(tmp_path / "r.yaml", tiny_e6b, None, chat, tmp_path / "o"))
     assert json.loads((tiny_e6b / "stack.json").read_text())["num_hidden_layers"] == 66
+
+
+def test_qlora_without_a_gpu_is_a_clear_error(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
+    assert main([str(heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", load_in_4bit=True, merge=False))]) == 2
+    assert "load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes" in caplog.text
+
+
+def test_datasets_of_different_formats_are_a_clear_error(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
+    text = write_jsonl(tmp_path / "text.jsonl", rows_for("text", 4))
+    recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o",
+                         datasets=[{"path": str(chat)}, {"path": str(text)}])
+    assert main([str(recipe)]) == 2
+    assert "the datasets mix TRL formats" in caplog.text
+
+
+def test_a_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
+    caplog.set_level(logging.INFO, logger="heal")
+    first = heal_recipe(tmp_path / "a.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", max_steps=2, save_strategy="steps",
+                        save_steps=2, merge=False)
+    assert main([str(first)]) == 0
+    longer = heal_recipe(tmp_path / "b.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", max_steps=3, save_strategy="no", merge=False)
+    assert main([str(longer)]) == 0
+    assert "resuming from" in caplog.text and "checkpoint-2" in caplog.text
+    state = json.loads((tmp_path / "o" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]
