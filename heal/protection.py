@@ -9,13 +9,14 @@ For a targeted Linear W [out, in] with source-model Fisher F [out, in]:
   3. the adapter's update ΔW = scale · B A then satisfies, for every protected input coordinate k
      and output coordinate o:  ΔW e_k = 0  and  e_oᵀ ΔW = 0.
 
-The guarantee is kept in the forward pass: A sees its input with the protected coordinates zeroed,
-and B's output has the protected coordinates zeroed. So no gradient ever reaches A[:, k] or
-B[o, :], and whatever the optimizer does to those entries (weight decay included), they cannot
-change the function. This works at every DeepSpeed ZeRO stage, because it acts on activations and
-never on (possibly partitioned) parameters or their gradients. `bake` zeroes those entries in the
-weights themselves before saving or `merge_and_unload`, so the saved adapter and the merged model
-hold the guarantee exactly, without hooks.
+The guarantee is kept in the forward pass: A's factor acts as A ⊙ M_in (protected input columns
+zeroed) and B's as M_out ⊙ B (protected output rows zeroed), inside each factor's own forward.
+So no gradient ever reaches A[:, k] or B[o, :], and whatever the optimizer does to those entries
+(weight decay included), they cannot change the function. This works at every DeepSpeed ZeRO
+stage: the masking happens inside forward, where ZeRO-3 has gathered the weight, and never on
+partitioned parameters or their gradients. `bake` zeroes those entries in the weights themselves
+before saving or `merge_and_unload`, so the saved adapter and the merged model hold the guarantee
+exactly, without the masks.
 
 Fisher comes keyed by the source checkpoint's names. `slot_fisher` maps it onto the stack through
 stack.json: every slot whose source layer is j gets layer j's Fisher. Grafted K/V weights have no
@@ -139,48 +140,37 @@ def plan_protection(fisher: dict[str, torch.Tensor], module_names: list[str], co
 # ---- enforcing it on PEFT LoRA layers ----------------------------------------------------------------------------
 
 
-class _KeepMask:
-    """1 everywhere but the protected coordinates, cached per (device, dtype) of the activations."""
+class MaskedLinear(nn.Linear):
+    """A LoRA factor (A [r, in] or B [out, r]) whose forward uses weight ⊙ weight_mask.
 
-    def __init__(self, size: int, protected: torch.Tensor):
-        self.size, self.protected, self.cache = size, protected, {}
+    Masking the weight (r·in or out·r entries) costs far less than masking activations (tokens ·
+    in or tokens · out), and it happens inside forward, where DeepSpeed has gathered ZeRO-3
+    partitions. The mask is a non-persistent buffer: state_dict and PEFT's adapter files are unchanged.
+    """
 
-    def like(self, tensor: torch.Tensor) -> torch.Tensor:
-        key = (tensor.device, tensor.dtype)
-        if key not in self.cache:
-            mask = torch.ones(self.size, dtype=tensor.dtype, device=tensor.device)
-            mask[self.protected.to(tensor.device)] = 0
-            self.cache[key] = mask
-        return self.cache[key]
+    weight_mask: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight * self.weight_mask, self.bias)
 
 
-def attach(model: nn.Module, plan: dict[str, ModuleProtection], adapter: str = "default") -> list:
-    """Mask the protected coordinates in every planned LoRA layer's forward; returns the hook handles."""
-    handles = []
+def _mask_weight(linear: nn.Linear, mask: torch.Tensor) -> None:
+    linear.__class__ = MaskedLinear  # same parameters and names; only forward changes
+    linear.register_buffer("weight_mask", mask.to(linear.weight.dtype), persistent=False)
+
+
+def attach(model: nn.Module, plan: dict[str, ModuleProtection], adapter: str = "default") -> None:
+    """Mask the protected coordinates in every planned LoRA layer's forward: A's protected input
+    columns and B's protected output rows never act, so ΔW e_k = 0 and e_oᵀ ΔW = 0."""
     for name, lora_layer in _lora_layers(model, plan):
         protection = plan[name]
         lora_a, lora_b = lora_layer.lora_A[adapter], lora_layer.lora_B[adapter]
-        if len(protection.inputs):
-            handles.append(lora_a.register_forward_pre_hook(_mask_input_hook(protection.inputs, lora_layer.in_features)))
-        if len(protection.outputs):
-            handles.append(lora_b.register_forward_hook(_mask_output_hook(protection.outputs, lora_layer.out_features)))
-    return handles
-
-
-def _mask_input_hook(protected: torch.Tensor, size: int):
-    keep = _KeepMask(size, protected)
-
-    def hook(_module, args):
-        return (args[0] * keep.like(args[0]),) + tuple(args[1:])
-    return hook
-
-
-def _mask_output_hook(protected: torch.Tensor, size: int):
-    keep = _KeepMask(size, protected)
-
-    def hook(_module, _args, output):
-        return output * keep.like(output)
-    return hook
+        keep_inputs = torch.ones(lora_layer.in_features, device=lora_a.weight.device)
+        keep_inputs[protection.inputs.to(keep_inputs.device)] = 0
+        keep_outputs = torch.ones(lora_layer.out_features, device=lora_b.weight.device)
+        keep_outputs[protection.outputs.to(keep_outputs.device)] = 0
+        _mask_weight(lora_a, keep_inputs.expand(lora_a.out_features, -1).contiguous())  # [r, in]
+        _mask_weight(lora_b, keep_outputs[:, None].expand(-1, lora_b.in_features).contiguous())  # [out, r]
 
 
 @torch.no_grad()
