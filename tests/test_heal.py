@@ -170,3 +170,26 @@ def test_a_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_e6b, e4b_fisher
     assert "resuming from" in caplog.text and "checkpoint-2" in caplog.text
     state = json.loads((tmp_path / "o" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]
+
+
+def test_explicit_targets_heal_a_stack_without_manifest(tmp_path, tiny_e6b, chat):
+    stack = tmp_path / "no-manifest"
+    shutil.copytree(tiny_e6b, stack)
+    (stack / "stack.json").unlink()
+    targets = [f"{LAYERS}18.mlp.up_proj", f"{LAYERS}18.self_attn.o_proj"]
+    recipe = heal_recipe(tmp_path / "r.yaml", stack, None, chat, tmp_path / "o", protect=False, merge=False, targets=targets)
+    assert main([str(recipe)]) == 0
+    adapter = load_file(tmp_path / "o" / "adapter_model.safetensors")
+    assert {n.split("base_model.model.")[1].split(".lora_")[0] for n in adapter} == set(targets)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load_and_point_at_existing_deepspeed_files(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    deepspeed_file = (config.deepspeed_config or {}).get("deepspeed_config_file")
+    if deepspeed_file:
+        stage = json.loads((REPO / deepspeed_file).read_text())["zero_optimization"]["stage"]
+        assert f"zero{stage}" in path.name
+    assert config.distributed_type.value in ("NO", "DEEPSPEED")
