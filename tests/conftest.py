@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,37 @@ def tiny_e6b(tiny_e4b, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama", num_hidden_layers=6)
+
+
+@pytest.fixture(scope="session")
+def e4b_fisher(tiny_e4b, tmp_path_factory):
+    """fisher.safetensors of the tiny E4B, computed by fisher/ on a few conversations."""
+    from fisher.__main__ import FISHER_FILE, compute_and_write
+    from fisher.config import config_from_dict
+
+    from .fisher_support import rows_for, write_jsonl
+
+    folder = tmp_path_factory.mktemp("e4b-fisher")
+    chat = write_jsonl(folder / "chat.jsonl", rows_for("messages", 8))
+    compute_and_write(config_from_dict({"model": str(tiny_e4b), "datasets": [{"path": str(chat)}], "out": str(folder / "out"),
+                                        "dtype": "float32", "max_length": 64}))
+    return folder / "out" / FISHER_FILE
+
+
+def heal_recipe(path: Path, stack, fisher, chat, output_dir, **overrides) -> Path:
+    """A few-step heal of a tiny stack on CPU; `overrides` replace any key."""
+    recipe = {
+        "stack": str(stack), "fisher": str(fisher) if fisher else None, "datasets": [{"path": str(chat)}],
+        "seam_width": 1, "seam_r": 4, "seam_alpha": 8, "graft_r": 2, "graft_alpha": 4, "mass_share": 0.5, "max_fraction": 0.25,
+        "merge": True, "output_dir": str(output_dir), "max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 5e-2,
+        "weight_decay": 0.5, "max_length": 64, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "use_cpu": True, "bf16": False, "activation_checkpointing": False, "seed": 0, **overrides,
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from fisher.data import load_examples
 from stack.source import read_safetensors_header
 from stack.tiny import save_tiny_decoder, save_tiny_gemma4
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 from .fisher_support import brute_force_fisher, rows_for, tracked_weights, write_jsonl
 
 FORMATS = ["messages", "prompt_completion", "conversational_prompt_completion", "text"]
@@ -126,12 +125,6 @@ def test_per_token_estimator_is_labelled_approximate(llama, data, tmp_path):
     assert metadata_of(config)["approximate"] is True
     assert approx.keys() == exact.keys()
     assert any(not torch.allclose(approx[n], exact[n], rtol=1e-3) for n in exact)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_equal_one(llama, data, tmp_path):

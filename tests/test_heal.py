@@ -9,17 +9,14 @@ import shutil
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
-from fisher.__main__ import FISHER_FILE, compute_and_write
-from fisher.config import config_from_dict
 from heal.config import HealConfigError, load_config
 from heal.protection import PROTECTION_FILE, load_protection
 from heal.train import main
 
 from .checkpoints import assert_loads_clean, load_tensors
-from .conftest import REPO
+from .conftest import REPO, heal_recipe
 from .fisher_support import rows_for, write_jsonl
 
 LAYERS = "model.language_model.layers."
@@ -28,26 +25,6 @@ LAYERS = "model.language_model.layers."
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("heal-data") / "chat.jsonl", rows_for("messages", 8))
-
-
-@pytest.fixture(scope="module")
-def e4b_fisher(tiny_e4b, chat, tmp_path_factory):
-    out = tmp_path_factory.mktemp("e4b-fisher")
-    compute_and_write(config_from_dict({"model": str(tiny_e4b), "datasets": [{"path": str(chat)}], "out": str(out),
-                                        "dtype": "float32", "max_length": 64}))
-    return out / FISHER_FILE
-
-
-def heal_recipe(path, stack, fisher, chat, output_dir, **overrides):
-    recipe = {
-        "stack": str(stack), "fisher": str(fisher) if fisher else None, "datasets": [{"path": str(chat)}],
-        "seam_width": 1, "seam_r": 4, "seam_alpha": 8, "graft_r": 2, "graft_alpha": 4, "mass_share": 0.5, "max_fraction": 0.25,
-        "merge": True, "output_dir": str(output_dir), "max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 5e-2,
-        "weight_decay": 0.5, "max_length": 64, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
-        "use_cpu": True, "bf16": False, "activation_checkpointing": False, "seed": 0, **overrides,
-    }
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,8 @@ from heal.protection import PROTECTION_FILE, load_protection
 from heal.train import main
 
 from .checkpoints import load_tensors
-from .conftest import REPO
+from .conftest import REPO, free_port, heal_recipe
 from .fisher_support import rows_for, write_jsonl
-from .test_heal import e4b_fisher, heal_recipe  # noqa: F401  (fixture and recipe builder)
 
 GLOBAL_BATCH = 4
 
@@ -36,7 +34,7 @@ def losses(output_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def single_process(tiny_e6b, e4b_fisher, chat, tmp_path_factory):  # noqa: F811
+def single_process(tiny_e6b, e4b_fisher, chat, tmp_path_factory):
     folder = tmp_path_factory.mktemp("single")
     recipe = heal_recipe(folder / "r.yaml", tiny_e6b, e4b_fisher, chat, folder / "out", max_steps=2,
                          per_device_train_batch_size=GLOBAL_BATCH)
@@ -44,14 +42,8 @@ def single_process(tiny_e6b, e4b_fisher, chat, tmp_path_factory):  # noqa: F811
     return folder / "out"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_on_two_processes_matches_one_and_keeps_the_guarantee(stage, single_process, tiny_e6b, e4b_fisher, chat, tmp_path):  # noqa: F811
+def test_zero_on_two_processes_matches_one_and_keeps_the_guarantee(stage, single_process, tiny_e6b, e4b_fisher, chat, tmp_path):
     recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "out", max_steps=2,
                          per_device_train_batch_size=GLOBAL_BATCH // 2, use_cpu=False)
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", f"recipes/accelerate/zero{stage}.yaml",
