@@ -76,7 +76,9 @@ def load_config(path: str | Path, **overrides: Any):
         if heal_raw.get(key) is not None:
             heal_raw[key] = tuple(heal_raw[key])
     heal = HealConfig(datasets=specs, **heal_raw)
-    sft = SFTConfig(**{k: v for k, v in raw.items() if k in sft_keys})
+    sft_raw = {k: v for k, v in raw.items() if k in sft_keys}
+    sft_raw.setdefault("report_to", "tensorboard")  # a heal logs to TensorBoard unless the recipe says otherwise
+    sft = SFTConfig(**sft_raw)
     return heal, sft
 
 

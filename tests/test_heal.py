@@ -170,3 +170,11 @@ def test_accelerate_configs_load_and_point_at_existing_deepspeed_files(path):
         stage = json.loads((REPO / deepspeed_file).read_text())["zero_optimization"]["stage"]
         assert f"zero{stage}" in path.name
     assert config.distributed_type.value in ("NO", "DEEPSPEED")
+
+
+def test_tensorboard_is_the_default_logger(tmp_path, tiny_e6b, e4b_fisher, chat):
+    recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o")
+    text = recipe.read_text().replace("report_to: none\n", "")
+    recipe.write_text(text)
+    _, sft = load_config(recipe)
+    assert sft.report_to == ["tensorboard"]
