@@ -68,6 +68,11 @@ class ModuleProtection:
 # ---- Fisher onto slots ------------------------------------------------------------------------------------
 
 
+def is_grafted_kv(slot: dict, suffix: str) -> bool:
+    """Whether `suffix` (a weight name inside a layer) is a K/V weight this slot took from another layer."""
+    return slot["kv_graft_from"] is not None and suffix.startswith(("self_attn.k_proj.", "self_attn.v_proj."))
+
+
 def slot_fisher(fisher: dict[str, torch.Tensor], manifest: dict, first_copy_only: bool = False) -> dict[str, torch.Tensor]:
     """Fisher keyed by source-layer weight names -> keyed by the stack's weight names.
 
@@ -89,8 +94,7 @@ def slot_fisher(fisher: dict[str, torch.Tensor], manifest: dict, first_copy_only
             continue
         seen.add(layer)
         for suffix, values in by_layer.get(layer, {}).items():
-            is_grafted_kv = slot["kv_graft_from"] is not None and suffix.startswith(("self_attn.k_proj.", "self_attn.v_proj."))
-            if not is_grafted_kv:
+            if not is_grafted_kv(slot, suffix):
                 out[f"{prefix}{slot['index']}.{suffix}"] = values
     return out
 

@@ -38,6 +38,7 @@ from heal.protection import (
     bake,
     bake_adapter_file,
     check_fisher_matches,
+    is_grafted_kv,
     plan_protection,
     save_protection,
     slot_fisher,
@@ -202,7 +203,7 @@ def _source_shapes(model, manifest: dict) -> dict[str, tuple[int, ...]]:
         if name.startswith(prefix):
             index, suffix = name[len(prefix):].split(".", 1)
             slot = manifest["slots"][int(index)]
-            if slot["kv_graft_from"] is None or not suffix.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+            if not is_grafted_kv(slot, suffix):
                 shapes[f"{prefix}{slot['source_layer']}.{suffix}"] = _shape(param)
     return shapes
 
