@@ -14,14 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import struct
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from stack.plan import saved_tensor_shapes
+from stack.plan import greedy_shards, saved_tensor_shapes
+from stack.source import encode_safetensors_header
+from stack.writer import shard_file_names
 from transformers import (
     Gemma4AudioConfig,
     Gemma4Config,
@@ -112,31 +114,18 @@ def tensor_shapes(model: SyntheticModel) -> dict[str, tuple[int, ...]]:
 
 
 def bf16_bytes(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * BF16_BYTES
+    return math.prod(shape) * BF16_BYTES
 
 
 def plan_shards(shapes: dict[str, tuple[int, ...]], max_bytes: int) -> list[list[str]]:
-    """Greedy sharding in state-dict order, like save_pretrained: start a new shard when the next
-    tensor would overflow the current one (a tensor larger than max_bytes gets a shard of its own)."""
-    shards: list[list[str]] = [[]]
-    used = 0  # bytes in the current shard
-    for name, shape in shapes.items():
-        size = bf16_bytes(shape)
-        if shards[-1] and used + size > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += size
-    return shards
+    """Shards of tensor names, cut the way the stacker cuts its output (stack.plan.greedy_shards)."""
+    names = list(shapes)
+    return [[names[i] for i in shard] for shard in greedy_shards([bf16_bytes(shapes[n]) for n in names], max_bytes)]
 
 
-def shard_file_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+def checkpoint_file_names(count: int) -> list[str]:
+    """As save_pretrained names them: one file is model.safetensors, several are numbered."""
+    return ["model.safetensors"] if count == 1 else shard_file_names(count)
 
 
 class RandomBytes:
@@ -163,17 +152,8 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], names: lis
                       random_bytes: RandomBytes, progress: tqdm) -> None:
     """One safetensors file: 8-byte little-endian header length, JSON header, then the tensors' bytes
     back to back in header order. The header is space-padded so the data starts 8-byte aligned."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0  # bytes from the start of the data section
-    for name in names:
-        end = offset + bf16_bytes(shapes[name])
-        header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, end]}
-        offset = end
-    header_json = json.dumps(header, separators=(",", ":")).encode()
-    header_json += b" " * (-(8 + len(header_json)) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_json)))
-        f.write(header_json)
+        f.write(encode_safetensors_header([(name, "BF16", shapes[name]) for name in names]))
         for index, name in enumerate(names):
             # A different start per tensor (a large odd multiple of 2 bytes) so tensors differ.
             random_bytes.write(f, bf16_bytes(shapes[name]), start=index * 2_000_006, progress=progress)
@@ -209,7 +189,7 @@ def ensure_checkpoint(model: SyntheticModel, directory: Path) -> int:
     GenerationConfig.from_model_config(model.config).save_pretrained(directory)
 
     shards = plan_shards(shapes, model.shard_bytes)
-    files = shard_file_names(len(shards))
+    files = checkpoint_file_names(len(shards))
     random_bytes = RandomBytes()
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"generate {model.name}") as progress:
         for names, file in zip(shards, files, strict=True):

@@ -119,7 +119,8 @@ def build_plan(recipe: Recipe, source: SourceCheckpoint) -> StackPlan:
     layer_types, kv_modes = _source_layer_facts(source.config, num_layers)
     source_layers = recipe.source_layers
     slot_types = layer_types or [FULL_ATTENTION] * num_layers
-    slots = _plan_slots(arch, source, source_layers, slot_types, kv_modes, recipe.options.kv_graft_source)
+    seams = _seams(source_layers)
+    slots = _plan_slots(arch, source, source_layers, seams, slot_types, kv_modes, recipe.options.kv_graft_source)
     tensors = _plan_tensors(arch, source, text, slots, num_layers)
     config = _plan_config(source.config, arch, slots, layer_types)
     plan = StackPlan(
@@ -127,7 +128,7 @@ def build_plan(recipe: Recipe, source: SourceCheckpoint) -> StackPlan:
         source_model=source.model,
         source_num_layers=num_layers,
         slots=slots,
-        seams=_seams(source_layers),
+        seams=seams,
         tensors=tensors,
         shards=_assign_shards(tensors, recipe.options.max_shard_bytes),
         config=config,
@@ -194,6 +195,7 @@ def _plan_slots(
     arch: Architecture,
     source: SourceCheckpoint,
     source_layers: list[int],
+    seams: tuple[Seam, ...],
     layer_types: list[str],
     kv_modes: list[str | None],
     kv_graft_source: str,
@@ -210,7 +212,7 @@ def _plan_slots(
     consumer = [arch.kv_sharing is not None and kv_modes[j] == "reuse" for j in source_layers]
     first_shared = len(source_layers) - _trailing_true(consumer)
     producers = _producers(types, first_shared, source_layers) if arch.kv_sharing else {}
-    seam_slots = {seam.slot for seam in _seams(source_layers)}
+    seam_slots = {seam.slot for seam in seams}
     slots = []
     for i, j in enumerate(source_layers):
         graft_from = None
@@ -360,17 +362,22 @@ def _plan_config(
     return out
 
 
-def _assign_shards(tensors: tuple[OutputTensor, ...], max_bytes: int) -> tuple[tuple[OutputTensor, ...], ...]:
-    """Greedy in order: a tensor goes to the current shard unless it would overflow a non-empty shard."""
-    shards: list[list[OutputTensor]] = [[]]
-    size = 0
-    for tensor in tensors:
-        if shards[-1] and size + tensor.nbytes > max_bytes:
+def greedy_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """Indices of `sizes`, in order, cut into shards: an item joins the current shard unless it
+    would overflow a non-empty one (an item larger than max_bytes gets a shard of its own)."""
+    shards: list[list[int]] = [[]]
+    used = 0
+    for index, size in enumerate(sizes):
+        if shards[-1] and used + size > max_bytes:
             shards.append([])
-            size = 0
-        shards[-1].append(tensor)
-        size += tensor.nbytes
-    return tuple(tuple(shard) for shard in shards)
+            used = 0
+        shards[-1].append(index)
+        used += size
+    return shards
+
+
+def _assign_shards(tensors: tuple[OutputTensor, ...], max_bytes: int) -> tuple[tuple[OutputTensor, ...], ...]:
+    return tuple(tuple(tensors[i] for i in shard) for shard in greedy_shards([t.nbytes for t in tensors], max_bytes))
 
 
 # ---- the final check: does transformers agree? ----------------------------------------------------------

@@ -137,6 +137,20 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     }
 
 
+def encode_safetensors_header(tensors: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
+    """The header for (name, dtype, shape) tensors stored back to back in this order: 8-byte
+    little-endian length, then JSON, space-padded so the data starts 8-byte aligned."""
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in tensors:
+        end = offset + math.prod(shape) * DTYPE_BYTES[dtype]
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    body = json.dumps(entries, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
 def sha256_file(path: Path, chunk_bytes: int = 16 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +22,15 @@ from tqdm.auto import tqdm
 from .atomic import staged_output
 from .manifest import MANIFEST_NAME, manifest_from_plan
 from .plan import Copy, GatherBlocks, OutputTensor, StackPlan
-from .source import DTYPE_BYTES, SourceCheckpoint, SourceError, check_data_present, copy_source_files, sha256_file
+from .source import (
+    DTYPE_BYTES,
+    SourceCheckpoint,
+    SourceError,
+    check_data_present,
+    copy_source_files,
+    encode_safetensors_header,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +78,8 @@ def _write_shards(plan: StackPlan, tmp: Path) -> list[str]:
 
 
 def _write_shard(path: Path, tensors: tuple[OutputTensor, ...], advance: Callable[[int], object]) -> None:
-    header, data_start = _safetensors_header(tensors)
     with open(path, "wb") as out:
-        out.write(header)
+        out.write(encode_safetensors_header([(t.name, t.dtype, t.shape) for t in tensors]))
         for tensor in tensors:
             expected_end = out.tell() + tensor.nbytes
             _execute(tensor, out)
@@ -83,18 +89,6 @@ def _write_shard(path: Path, tensors: tuple[OutputTensor, ...], advance: Callabl
             advance(tensor.nbytes)
         out.flush()
         os.fsync(out.fileno())
-
-
-def _safetensors_header(tensors: tuple[OutputTensor, ...]) -> tuple[bytes, int]:
-    """Length-prefixed JSON header, space-padded so the data starts 8-byte aligned."""
-    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for tensor in tensors:
-        entries[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
-        offset += tensor.nbytes
-    body = json.dumps(entries, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    return struct.pack("<Q", len(body)) + body, 8 + len(body)
 
 
 def _execute(tensor: OutputTensor, out) -> None:

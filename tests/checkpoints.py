@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -54,19 +53,13 @@ def write_header_only_checkpoint(directory: Path, config) -> Path:
     Names and shapes are those transformers would save for `config` (built on the meta device), in bf16.
     Planning and --dry-run must work on it; anything that reads tensor data must fail.
     """
-    import struct
-
     from stack.plan import saved_tensor_shapes
+    from stack.source import encode_safetensors_header
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _, shapes = saved_tensor_shapes(config.to_dict())
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    body = json.dumps(header).encode()
-    (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(body)) + body)
+    header = encode_safetensors_header([(name, "BF16", shape) for name, shape in shapes.items()])
+    (directory / "model.safetensors").write_bytes(header)
     config.save_pretrained(directory)
     return directory
