@@ -45,10 +45,10 @@ from heal.protection import (
 )
 from heal.targets import TargetError, explicit_targets, select_targets
 from stack.atomic import staged_output
+from stack.manifest import MANIFEST_NAME, load_manifest
 
 logger = logging.getLogger("heal")
 
-MANIFEST = "stack.json"
 USER_ERRORS = (HealConfigError, TargetError, ProtectionError, FileNotFoundError)
 
 
@@ -92,7 +92,6 @@ def _agree_on_world_size() -> None:
 
 
 def run(heal: HealConfig, sft) -> None:
-    from datasets import concatenate_datasets
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer
@@ -100,12 +99,15 @@ def run(heal: HealConfig, sft) -> None:
     logger.info("resolved config:\n%s", json.dumps(config_to_dict(heal, sft), indent=2, default=str))
     stack_dir = Path(heal.stack)
     manifest = _manifest(stack_dir, required=heal.targets is None)
+    dataset = _dataset(heal, sft)  # before the model: bad data fails in seconds, not after a 24 GB load
     model = AutoModelForCausalLM.from_pretrained(stack_dir, dtype=torch.bfloat16 if sft.bf16 else torch.float32,
                                                  quantization_config=_quantization(heal))
     groups = explicit_targets(model, list(heal.targets)) if heal.targets else select_targets(model, manifest, heal.modules, heal.seam_width, heal.all_layers)
     logger.info("LoRA targets (%d modules):\n%s", len(groups), "\n".join(f"  {group:<5} {name}" for name, group in groups.items()))
     plan = _protection_plan(heal, manifest, model, list(groups)) if heal.protect else {}
     shapes = _shapes(model, plan)
+    for name, protection in plan.items():
+        logger.info("protect %s: %s", name, protection.report(shapes[name]))
 
     rank = {"seam": heal.seam_r, "graft": heal.graft_r, "other": heal.other_r}
     alpha = {"seam": heal.seam_alpha, "graft": heal.graft_alpha, "other": heal.other_alpha}
@@ -115,12 +117,6 @@ def run(heal: HealConfig, sft) -> None:
         rank_pattern={f"^{name}$": rank[group] for name, group in groups.items()},
         alpha_pattern={f"^{name}$": alpha[group] for name, group in groups.items()},
     )
-    parts = [part.remove_columns("_row") for part in load_trl_datasets(heal.datasets, heal.num_examples, sft.seed, sft.dataset_text_field)]
-    formats = {tuple(part.column_names) for part in parts}
-    if len(formats) > 1:
-        raise HealConfigError(f"the datasets mix TRL formats {sorted(formats)}; SFTTrainer trains on one format at a "
-                              "time, so give datasets of one format (or convert them, e.g. text rows to messages)")
-    dataset = concatenate_datasets(parts)
     tokenizer = AutoTokenizer.from_pretrained(stack_dir)
     trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     if plan:
@@ -141,6 +137,18 @@ def run(heal: HealConfig, sft) -> None:
             save_protection(output_dir / PROTECTION_FILE, plan, shapes, _protection_config(heal))
         if heal.merge:
             _write_merged(stack_dir, output_dir, tokenizer)
+
+
+def _dataset(heal: HealConfig, sft):
+    """The datasets in TRL's columns, mixed by weight; SFTTrainer trains on one format at a time."""
+    from datasets import concatenate_datasets
+
+    parts = [part.remove_columns("_row") for part in load_trl_datasets(heal.datasets, heal.num_examples, sft.seed, sft.dataset_text_field)]
+    formats = {tuple(part.column_names) for part in parts}
+    if len(formats) > 1:
+        raise HealConfigError(f"the datasets mix TRL formats {sorted(formats)}; SFTTrainer trains on one format at a "
+                              "time, so give datasets of one format (or convert them, e.g. text rows to messages)")
+    return concatenate_datasets(parts)
 
 
 def _quantization(heal: HealConfig):
@@ -168,12 +176,14 @@ def _last_checkpoint(sft) -> str | None:
 
 
 def _manifest(stack_dir: Path, required: bool) -> dict | None:
-    path = stack_dir / MANIFEST
-    if path.is_file():
-        return json.loads(path.read_text())
-    if required:
-        raise FileNotFoundError(f"{path} not found: heal targets come from the stack manifest. Point `stack:` at a folder "
-                                "written by `python -m stack`, or list the modules to train in `targets:`")
+    if (stack_dir / MANIFEST_NAME).is_file() or required:
+        try:
+            return load_manifest(stack_dir)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{error}. Heal targets come from the stack manifest: point `stack:` at a folder "
+                                    "written by `python -m stack`, or list the modules to train in `targets:`") from None
+        except ValueError as error:  # a manifest of another format_version
+            raise HealConfigError(str(error)) from None
     return None
 
 
@@ -188,11 +198,7 @@ def _protection_plan(heal: HealConfig, manifest: dict | None, model, modules: li
         raise HealConfigError("protection maps the source Fisher onto slots through stack.json, which this stack lacks")
     fisher = load_file(heal.fisher)
     check_fisher_matches(fisher, _source_shapes(model, manifest), manifest["source"]["model"])
-    plan = plan_protection(slot_fisher(fisher, manifest, heal.first_copy_only), modules, _protection_config(heal))
-    shapes = _shapes(model, plan)
-    for name, protection in plan.items():
-        logger.info("protect %s: %s", name, protection.report(shapes[name]))
-    return plan
+    return plan_protection(slot_fisher(fisher, manifest, heal.first_copy_only), modules, _protection_config(heal))
 
 
 def _source_shapes(model, manifest: dict) -> dict[str, tuple[int, ...]]:
@@ -229,7 +235,7 @@ def _write_merged(stack_dir: Path, output_dir: Path, tokenizer) -> None:
     with staged_output(output_dir / "merged") as tmp:
         merged.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
-        shutil.copyfile(stack_dir / MANIFEST, tmp / MANIFEST)
+        shutil.copyfile(stack_dir / MANIFEST_NAME, tmp / MANIFEST_NAME)
     logger.info("wrote the merged model to %s", output_dir / "merged")
 
 
