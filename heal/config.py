@@ -18,6 +18,10 @@ class HealConfigError(ValueError):
     pass
 
 
+OBJECTIVES = ("sft", "distill")  # sft: the data's labels; distill: + KL(teacher ‖ student) (heal/distill.py)
+DISTILL_TOKENS = ("loss", "all")  # which positions the KL counts: the label loss's, or every non-pad one
+
+
 @dataclass(frozen=True)
 class HealConfig:
     stack: str  # the raw stack folder written by `python -m stack` (checkpoint + stack.json)
@@ -42,6 +46,13 @@ class HealConfig:
     mass_share: float = 0.75
     max_fraction: float = 0.25
     first_copy_only: bool = False
+    # Objective. distill: loss = distill_alpha · KL(teacher ‖ student) + (1 − distill_alpha) · CE (heal/distill.py).
+    objective: str = "sft"
+    teacher: str | None = None  # a model folder with the student's tokenizer; None: the source model in stack.json
+    distill_alpha: float = 1.0
+    distill_temperature: float = 1.0
+    distill_tokens: str = "loss"
+    distill_chunk_size: int = 256  # positions per KL chunk (peak ≈ 4 · chunk · vocab · 4 bytes)
     merge: bool = False  # also write OUTPUT_DIR/merged: the healed full model in the raw stack's layout
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, one CUDA GPU)
 
@@ -51,8 +62,26 @@ class HealConfig:
         if self.load_in_4bit and self.merge:
             raise HealConfigError("merge: true with load_in_4bit: merge into the bf16 raw stack afterwards instead "
                                   "(heal without merge, then rerun with merge: true and load_in_4bit: false to resume and merge)")
+        self._check_objective()
         if self.seam_width < 1:
             raise HealConfigError(f"seam_width must be >= 1, got {self.seam_width}")
+
+
+    def _check_objective(self):
+        if self.objective not in OBJECTIVES:
+            raise HealConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective != "distill":
+            if self.teacher is not None:
+                raise HealConfigError(f"`teacher:` is set but objective is {self.objective!r}; set objective: distill")
+            return
+        if not 0 <= self.distill_alpha <= 1:
+            raise HealConfigError(f"distill_alpha must be in [0, 1] (the KL's share of the loss), got {self.distill_alpha}")
+        if self.distill_temperature <= 0:
+            raise HealConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.distill_tokens not in DISTILL_TOKENS:
+            raise HealConfigError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {self.distill_tokens!r}")
+        if self.distill_chunk_size < 1:
+            raise HealConfigError(f"distill_chunk_size must be >= 1, got {self.distill_chunk_size}")
 
 
 def load_config(path: str | Path, **overrides: Any):

@@ -29,6 +29,7 @@ import torch
 
 from fisher.data import load_trl_datasets
 from heal.config import HealConfig, HealConfigError, config_to_dict, load_config
+from heal.distill import DistillationTrainer, DistillConfig, TeacherError, check_same_tokenizer, load_teacher, resolve_teacher
 from heal.protection import (
     PROTECTION_FILE,
     ModuleProtection,
@@ -49,7 +50,7 @@ from stack.manifest import MANIFEST_NAME, load_manifest
 
 logger = logging.getLogger("heal")
 
-USER_ERRORS = (HealConfigError, TargetError, ProtectionError, FileNotFoundError)
+USER_ERRORS = (HealConfigError, TargetError, ProtectionError, TeacherError, FileNotFoundError)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -99,9 +100,11 @@ def run(heal: HealConfig, sft) -> None:
     logger.info("resolved config:\n%s", json.dumps(config_to_dict(heal, sft), indent=2, default=str))
     stack_dir = Path(heal.stack)
     manifest = _manifest(stack_dir, required=heal.targets is None)
-    dataset = _dataset(heal, sft)  # before the model: bad data fails in seconds, not after a 24 GB load
-    model = AutoModelForCausalLM.from_pretrained(stack_dir, dtype=torch.bfloat16 if sft.bf16 else torch.float32,
-                                                 quantization_config=_quantization(heal))
+    dataset = _dataset(heal, sft)  # before the model: bad data or a bad teacher fails in seconds, not after a 24 GB load
+    tokenizer = AutoTokenizer.from_pretrained(stack_dir)
+    teacher = _teacher_path(heal, manifest, tokenizer)
+    dtype = torch.bfloat16 if sft.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(stack_dir, dtype=dtype, quantization_config=_quantization(heal))
     groups = explicit_targets(model, list(heal.targets)) if heal.targets else select_targets(model, manifest, heal.modules, heal.seam_width, heal.all_layers)
     logger.info("LoRA targets (%d modules):\n%s", len(groups), "\n".join(f"  {group:<5} {name}" for name, group in groups.items()))
     plan = _protection_plan(heal, manifest, model, list(groups)) if heal.protect else {}
@@ -117,8 +120,12 @@ def run(heal: HealConfig, sft) -> None:
         rank_pattern={f"^{name}$": rank[group] for name, group in groups.items()},
         alpha_pattern={f"^{name}$": alpha[group] for name, group in groups.items()},
     )
-    tokenizer = AutoTokenizer.from_pretrained(stack_dir)
-    trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    trainer_kwargs = dict(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    if teacher is None:
+        trainer = SFTTrainer(**trainer_kwargs)
+    else:
+        distill = DistillConfig(heal.distill_alpha, heal.distill_temperature, heal.distill_tokens, heal.distill_chunk_size)
+        trainer = DistillationTrainer(teacher=load_teacher(teacher, dtype), distill=distill, **trainer_kwargs)
     if plan:
         attach(trainer.model, plan)
         # Zero the protected entries now: the masks give them exactly zero gradient, so AdamW's moments
@@ -149,6 +156,23 @@ def _dataset(heal: HealConfig, sft):
         raise HealConfigError(f"the datasets mix TRL formats {sorted(formats)}; SFTTrainer trains on one format at a "
                               "time, so give datasets of one format (or convert them, e.g. text rows to messages)")
     return concatenate_datasets(parts)
+
+
+def _teacher_path(heal: HealConfig, manifest: dict | None, tokenizer) -> str | None:
+    """The distillation teacher's checkpoint (None for objective: sft), checked against the student's tokenizer."""
+    from transformers import AutoTokenizer
+
+    if heal.objective != "distill":
+        return None
+    teacher = resolve_teacher(heal.teacher, manifest)
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher)
+    except OSError as error:  # a hub id that is not cached (offline) or does not exist
+        raise TeacherError(f"teacher {teacher!r} cannot be loaded ({error}); set `teacher:` to a local model folder") from None
+    check_same_tokenizer(tokenizer, teacher_tokenizer, teacher)
+    logger.info("distilling from %s (alpha %s, temperature %s, %s tokens)", teacher, heal.distill_alpha,
+                heal.distill_temperature, heal.distill_tokens)
+    return teacher
 
 
 def _quantization(heal: HealConfig):

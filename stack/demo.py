@@ -1,4 +1,4 @@
-"""`make demo`: the seed recipe on a tiny E4B-shaped Gemma-4 built on the spot, then the checks.
+"""`make demo-tiny`: the seed recipe on a tiny E4B-shaped Gemma-4 built on the spot, then the checks.
 
     python -m stack.demo [--workdir out/demo]
 

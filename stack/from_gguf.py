@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import logging
 import sys
 from pathlib import Path
@@ -45,19 +46,28 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
-    if (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file():
+    if _is_converted(out_dir):
         logger.info("using the converted model in %s", out_dir)
         return out_dir
     logger.info("dequantizing %s (this takes ~30 s for SmolLM2-135M)", gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_config(loaded.config)
+    config = loaded.config
+    del config.quantization_config  # the weights are dequantized: a GGUF quantization_config would make loaders look for the .gguf
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     with staged_output(out_dir) as tmp:
         model.to(dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     logger.info("wrote %s", out_dir)
     return out_dir
+
+
+def _is_converted(out_dir: Path) -> bool:
+    """A complete, plain (non-GGUF) HF folder from an earlier conversion."""
+    config = out_dir / "config.json"
+    return (config.is_file() and (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file()
+            and "quantization_config" not in json.loads(config.read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Tiny random checkpoints with the real models' structure, built on the spot with transformers.
 
-Used by the test fixtures and by `make demo`; nothing is downloaded. The tiny E4B keeps every
+Used by the test fixtures and by `make demo-tiny`; nothing is downloaded. The tiny E4B keeps every
 structural fact of google/gemma-4-E4B-it that the stacker must respect: 42 layers in the
 [sliding×5, full]×7 pattern, 18 trailing KV-shared layers, a different head_dim for full and
 sliding layers, PLE with a per-layer block, tied embeddings, vision and audio towers, bf16.

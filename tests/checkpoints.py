@@ -63,3 +63,18 @@ def write_header_only_checkpoint(directory: Path, config) -> Path:
     (directory / "model.safetensors").write_bytes(header)
     config.save_pretrained(directory)
     return directory
+
+
+def assert_protection_holds(raw_dir: Path, healed_dir: Path) -> None:
+    """The merged model's protected columns and rows (healed_dir/protection.safetensors) equal the raw
+    stack's bit for bit, and every protected module trained elsewhere."""
+    from heal.protection import PROTECTION_FILE, load_protection
+
+    raw, merged = load_tensors(raw_dir), load_tensors(healed_dir / "merged")
+    plan = load_protection(healed_dir / PROTECTION_FILE)
+    assert plan
+    for module, protection in plan.items():
+        name = f"{module}.weight"
+        assert torch.equal(merged[name][:, protection.inputs], raw[name][:, protection.inputs]), name
+        assert torch.equal(merged[name][protection.outputs, :], raw[name][protection.outputs, :]), name
+        assert not torch.equal(merged[name], raw[name]), f"{name} did not train"

@@ -1,4 +1,4 @@
-"""Every stack recipe in recipes/ loads and validates; bad recipes fail with the key they got wrong."""
+"""Every recipe in recipes/ loads and validates; bad recipes fail with the key they got wrong."""
 
 from __future__ import annotations
 
@@ -100,3 +100,21 @@ def test_missing_recipe_file(tmp_path):
 @pytest.mark.parametrize("text, expected", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), (1234, 1234), ("1.5GB", 1_500_000_000)])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
+
+
+HEAL_RECIPES = sorted([*(REPO / "recipes").glob("heal*.yaml"), REPO / "recipes" / "demo" / "heal.yaml"])
+
+
+@pytest.mark.parametrize("path", HEAL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_heal_recipe_loads_and_validates(path: Path):
+    from heal.config import load_config
+
+    heal, sft = load_config(path, use_cpu=True)  # GPU recipes ask for bf16; validated here on CPU
+    assert heal.objective in ("sft", "distill") and heal.datasets and sft.output_dir
+
+
+def test_the_demo_stack_and_fisher_recipes_load():
+    from fisher.config import config_from_dict
+
+    assert len(load_recipe(REPO / "recipes" / "demo" / "mini-e6b.yaml").slices) == 4
+    assert config_from_dict(yaml.safe_load((REPO / "recipes" / "demo" / "fisher.yaml").read_text())).num_examples > 0

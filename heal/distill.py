@@ -1,0 +1,271 @@
+"""Self-distillation: the stacked student learns the source model's token distributions.
+
+Per token, teacher-forced on the training sequences, the distillation term is KL(teacher ‖ student)
+at temperature T,
+
+    KL_t = T² · Σ_v p_v (log p_v − log q_v),   p = softmax(z_teacher / T),  q = softmax(z_student / T)
+
+(the T² keeps gradient magnitudes comparable across temperatures, as in Hinton et al. 2015), and the
+objective mixes it with the SFT/CPT label loss:  loss = alpha · KL + (1 − alpha) · CE.
+
+Memory. Gemma's vocabulary is 262,144: fp32 logits of one 2048-token sequence are 2 GB, per model.
+So no full logits are ever built. The student's CE comes from TRL's fused LM head (chunked), and the
+KL is computed from the two models' final hidden states [N, hidden], `chunk_size` positions at a
+time; each chunk's gradient w.r.t. the student's hidden states is computed right there and kept
+([N, hidden], small), so peak extra memory is a few [chunk_size, vocab] fp32 buffers. The LM heads
+are frozen (LoRA trains the decoder), so no gradient w.r.t. the head weights is needed.
+
+The teacher is frozen, in eval mode and never wrapped by PEFT. Under DeepSpeed it is prepared for
+inference by TRL's `prepare_deepspeed` (partitioned under ZeRO-3, replicated otherwise), never as a
+trained engine. Its forward runs through its own full forward (so ZeRO-3's hooks see a complete
+forward) with the LM head on one position only; a hook on its backbone captures the final hidden states.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from trl import SFTTrainer
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherError(ValueError):
+    pass
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher ‖ student) per position, from logits [..., vocab] -> [...], in fp32 (the unchunked reference)."""
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+# ---- the LM head, applied to a chunk of hidden states ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogitHead:
+    """What turns final hidden states into logits: z = softcap(h Wᵀ + b), softcap(x) = c · tanh(x / c)."""
+
+    weight: torch.Tensor  # [vocab, hidden]
+    bias: torch.Tensor | None
+    softcap: float | None  # Gemma's final_logit_softcapping; None for most models
+
+    @classmethod
+    def of(cls, causal_lm: nn.Module) -> LogitHead:
+        head = causal_lm.get_output_embeddings()
+        softcap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
+        return cls(head.weight, head.bias, softcap)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> fp32 [n, vocab]; the matmul runs in the weight's dtype (bf16 on GPU)."""
+        z = nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias).float()
+        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
+
+    def backward_through(self, grad_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """d loss / d hidden, given d loss / d logits [n, vocab] and the (capped) logits."""
+        if self.softcap is not None:
+            grad_logits = grad_logits * (1 - (logits / self.softcap) ** 2)  # d/dx c·tanh(x/c) = 1 − tanh²
+        return grad_logits.to(self.weight.dtype) @ self.weight
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Σ_t KL_t over positions, `chunk` positions at a time; the gradient w.r.t. the student's hidden
+    states is computed in the forward, chunk by chunk, so no [N, vocab] tensor outlives its chunk."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, teacher_hidden, student_head: LogitHead, teacher_head: LogitHead,
+                temperature: float, chunk: int):
+        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        grad = torch.empty_like(student_hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, student_hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            z_student = student_head.logits(student_hidden[rows])
+            with torch.no_grad():
+                log_p = torch.log_softmax(teacher_head.logits(teacher_hidden[rows]) / temperature, dim=-1)
+            log_q = torch.log_softmax(z_student / temperature, dim=-1)
+            p = log_p.exp()
+            total += temperature**2 * (p * (log_p - log_q)).sum()
+            if grad is not None:
+                # d KL_t / d z_student = T² · (q − p) / T = T · (q − p)
+                grad[rows] = student_head.backward_through(temperature * (log_q.exp() - p), z_student).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad_total * grad, None, None, None, None, None
+
+
+def chunked_kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: LogitHead,
+                   teacher_head: LogitHead, temperature: float = 1.0, chunk_size: int = 256) -> torch.Tensor:
+    """Σ over positions of KL(teacher ‖ student), from final hidden states [N, hidden] of both models."""
+    if student_head.weight.requires_grad or (student_head.bias is not None and student_head.bias.requires_grad):
+        raise ValueError("the distillation KL treats the student's LM head as frozen, but it requires grad; "
+                         "keep lm_head out of the LoRA targets and frozen")
+    return _ChunkedKL.apply(student_hidden, teacher_hidden.detach(), student_head, teacher_head, temperature, chunk_size)
+
+
+# ---- capturing the backbone's final hidden states ----------------------------------------------------------
+
+
+class HiddenCapture:
+    """A forward hook on a causal LM's backbone (`base_model`) that keeps its last_hidden_state [B, L, H]."""
+
+    def __init__(self, causal_lm: nn.Module):
+        self.hidden: torch.Tensor | None = None
+        self._handle = causal_lm.base_model.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.hidden = output.last_hidden_state
+
+    def take(self) -> torch.Tensor:
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("the backbone's forward hook saw no forward: the hidden states to distill are missing")
+        return hidden
+
+
+# ---- the teacher -------------------------------------------------------------------------------------------
+
+
+def resolve_teacher(teacher: str | None, manifest: dict | None) -> str:
+    """The teacher's checkpoint: `teacher:` if given, else the stack's source model from stack.json."""
+    if teacher is None:
+        if manifest is None:
+            raise TeacherError("objective: distill needs a teacher: set `teacher:` (a model folder), or heal a stack "
+                               "whose stack.json records its source model")
+        teacher = manifest["source"]["model"]
+        origin = "the source model recorded in stack.json"
+    else:
+        origin = "`teacher:`"
+    path = Path(teacher)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TeacherError(f"teacher {teacher!r} ({origin}) has no config.json: not a model folder")
+        return str(path)
+    if path.is_absolute() or teacher.startswith((".", "~")) or teacher.count("/") != 1:
+        raise TeacherError(f"teacher checkpoint {teacher!r} ({origin}) is missing; set `teacher:` to the folder of "
+                           "the source model (the model the stack was built from)")
+    return teacher  # a hub id: from_pretrained fetches it, or fails offline with its own message
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer, teacher: str) -> None:
+    """Distillation compares distributions token by token: both models must index the same vocabulary."""
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab == teacher_vocab:
+        return
+    differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda item: item[1])
+    token, index = differing[0]
+    raise TeacherError(f"teacher {teacher!r} has another tokenizer than the student: vocab sizes {len(teacher_vocab)} "
+                       f"vs {len(student_vocab)}, first difference at id {index} ({token!r}); distillation needs the "
+                       "same tokenizer (name the source model as `teacher:`)")
+
+
+def load_teacher(teacher: str, dtype: torch.dtype) -> nn.Module:
+    """The frozen teacher, in eval mode. Under ZeRO-3 (the HF DeepSpeed config is active) from_pretrained
+    already partitions it; `TeacherForward` prepares it for inference once the accelerator exists."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class TeacherForward:
+    """Runs the teacher on the student's inputs and returns its final hidden states [B, L, H]."""
+
+    def __init__(self, teacher: nn.Module, accelerator):
+        self.head = LogitHead.of(teacher)
+        self._capture = HiddenCapture(teacher)
+        if accelerator.state.deepspeed_plugin is not None:
+            from trl.models.utils import prepare_deepspeed
+
+            self.model = prepare_deepspeed(teacher, accelerator)  # inference engine: ZeRO-3 partitioned, else stage 0
+        else:
+            self.model = teacher.to(accelerator.device)
+
+    @torch.no_grad()
+    def hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        model_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
+        # The head runs on one position only. An index tensor, not the int 1: Gemma-4's backbone reads an int
+        # logits_to_keep as licence to drop the other positions before its KV-shared layers.
+        last = torch.tensor([inputs["input_ids"].shape[1] - 1], device=inputs["input_ids"].device)
+        self.model(**model_inputs, use_cache=False, logits_to_keep=last)
+        return self._capture.take()
+
+
+# ---- the trainer -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    alpha: float = 1.0  # weight of the KL term; 1 − alpha goes to the SFT/CPT label loss
+    temperature: float = 1.0
+    tokens: str = "loss"  # "loss": the label loss's tokens; "all": every non-pad position
+    chunk_size: int = 256  # positions per KL chunk: peak extra memory ≈ 4 · chunk_size · vocab · 4 bytes
+
+
+class DistillationTrainer(SFTTrainer):
+    """An SFTTrainer whose loss is alpha · KL(teacher ‖ student) + (1 − alpha) · CE."""
+
+    def __init__(self, *, teacher: nn.Module, distill: DistillConfig, **sft_trainer_kwargs):
+        super().__init__(**sft_trainer_kwargs)
+        self.distill = distill
+        self.teacher = TeacherForward(teacher, self.accelerator)
+        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.student_head = LogitHead.of(student)
+        self._student_hidden = HiddenCapture(student)  # TRL's fused forward calls student.base_model
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ce = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        ce, outputs = ce if return_outputs else (ce, None)
+        kl_sum, count, positions = self._kl_sum(inputs)
+        kl = kl_sum / self._kl_normalizer(positions, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        local_mean = kl_sum.detach() / count.clamp(min=1)
+        self._metrics[mode]["distill_kl"].append(self.accelerator.gather_for_metrics(local_mean).mean().item())
+        loss = self.distill.alpha * kl + (1 - self.distill.alpha) * ce
+        return (loss, outputs) if return_outputs else loss
+
+    def _kl_sum(self, inputs):
+        """Σ KL over the counted positions of this micro-batch, their number, and the position mask."""
+        student_hidden = self._student_hidden.take()[:, :-1]  # position t predicts token t+1
+        teacher_hidden = self.teacher.hidden(inputs)[:, :-1]
+        positions = self._positions(inputs)
+        heads = (self.student_head.weight, self.student_head.bias, self.teacher.head.weight, self.teacher.head.bias)
+        with maybe_gather_lm_head_ctx(*heads):  # ZeRO-3: the heads are partitioned outside their forward
+            kl_sum = chunked_kl_sum(student_hidden[positions], teacher_hidden[positions].to(student_hidden.device),
+                                    self.student_head, self.teacher.head, self.distill.temperature, self.distill.chunk_size)
+        return kl_sum, positions.sum(), positions
+
+    def _positions(self, inputs) -> torch.Tensor:
+        """[B, L-1] bool: the positions whose next token the KL counts."""
+        if self.distill.tokens == "loss":
+            return inputs["labels"][:, 1:] != -100
+        if "attention_mask" not in inputs:
+            raise TeacherError("distill_tokens: all needs an attention_mask (padding-free batches have none); "
+                               "use distill_tokens: loss or padding_free: false")
+        return inputs["attention_mask"][:, 1:].bool()
+
+    def _kl_normalizer(self, positions, num_items_in_batch):
+        """Normalize the KL like TRL normalizes its CE, so alpha mixes two per-token means.
+
+        "loss" tokens: by the label-token count of the whole (accumulated, all-rank) batch, times the
+        number of processes (DDP averages the gradients; TRL's CE does the same). "all" tokens: a
+        per-micro-batch mean, divided by the accumulation steps when the Trainer leaves that to the loss.
+        """
+        if self.distill.tokens == "loss":
+            if num_items_in_batch is None:
+                return positions.sum().clamp(min=1)
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            return torch.as_tensor(num_items_in_batch, device=positions.device).clamp(min=1) / scale
+        scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None  # as in Trainer.training_step
+        return positions.sum().clamp(min=1) * (self.current_gradient_accumulation_steps if scaled_for_accumulation else 1)

@@ -1,0 +1,418 @@
+"""heal/evaluate.py: the metrics on hand-made sequences, each model-based measurement against an
+independent computation with the same tiny random Llama, the report end to end, and the CLI's errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import shutil
+
+import pytest
+import torch
+import yaml
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from heal.distill import token_kl
+from heal.evaluate import (
+    EvalConfig,
+    EvalError,
+    distinct_n,
+    encode_response_examples,
+    ends_in_loop,
+    evaluate_models,
+    greedy_continuations,
+    lm_eval_scores,
+    load_instruct,
+    main,
+    mean_kl_to_reference,
+    perplexity,
+    response_kl_sum,
+    response_mask,
+    seq_rep_n,
+    stop_token_ids,
+    write_report,
+)
+from stack.tiny import CHAT_TEMPLATE, save_tiny_decoder, save_tiny_tokenizer
+
+from .fisher_support import rows_for, words, write_jsonl
+
+TASK = "tiny_evaluate_mc"
+
+
+@pytest.fixture(scope="module")
+def tiny_a(tmp_path_factory):
+    return save_tiny_decoder(tmp_path_factory.mktemp("eval-a"), "llama", num_hidden_layers=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_b(tmp_path_factory):
+    return save_tiny_decoder(tmp_path_factory.mktemp("eval-b"), "llama", num_hidden_layers=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model_a(tiny_a):
+    return AutoModelForCausalLM.from_pretrained(tiny_a, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def model_b(tiny_b):
+    return AutoModelForCausalLM.from_pretrained(tiny_b, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_a):
+    return AutoTokenizer.from_pretrained(tiny_a)
+
+
+@pytest.fixture(scope="module")
+def chat_rows():
+    return [row["messages"] for row in rows_for("messages", 5)]  # 4 messages each, the last the assistant's
+
+
+def user_prompts(count: int, seed: int = 0) -> list[list[dict]]:
+    rng = random.Random(seed)
+    return [[{"role": "user", "content": words(rng, rng.randint(1, 9))}] for _ in range(count)]
+
+
+def template_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
+    """The chat template's tokens, straight from the tokenizer (the template writes any special tokens)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure metrics
+
+
+def test_seq_rep_n():
+    # [1,2,3,4]×3: 12 − 4 + 1 = 9 four-grams, of which 4 distinct ((1,2,3,4), (2,3,4,1), (3,4,1,2), (4,1,2,3)),
+    # so 1 − 4/9 = 5/9.
+    assert seq_rep_n([1, 2, 3, 4] * 3, 4) == pytest.approx(5 / 9)
+    # [7]×6: 3 four-grams, 1 distinct -> 2/3.
+    assert seq_rep_n([7] * 6, 4) == pytest.approx(2 / 3)
+    assert seq_rep_n(list(range(20)), 4) == 0.0
+    assert seq_rep_n([1, 1, 1], 4) == 0.0  # fewer than n tokens
+    assert seq_rep_n([], 4) == 0.0
+
+
+def test_ends_in_loop():
+    looping = [10, 11, 12, 13, 14, 15] + [1, 2] * 8  # ends in 16 tokens of period 2 (≥ max(3·2, 12) = 12)
+    assert ends_in_loop(looping, stopped=False)
+    assert not ends_in_loop(looping, stopped=True)  # it stopped by itself: not a loop
+    assert not ends_in_loop(list(range(40)), stopped=False)  # no period in the tail
+    assert not ends_in_loop([1, 2] * 10 + [3, 4, 5], stopped=False)  # the loop ended before the end
+    assert not ends_in_loop([1, 2] * 5, stopped=False)  # 10 tokens < min_tail 12
+    assert ends_in_loop([3] * 12, stopped=False)  # period 1
+    # Period 5 over the last 20 tokens (L = max(3·5, 12) = 15): found only when max_period reaches 5.
+    period_five = [9, 8] + [1, 2, 3, 4, 5] * 4
+    assert not ends_in_loop(period_five, stopped=False, max_period=4)
+    assert ends_in_loop(period_five, stopped=False, max_period=5)
+    # min_repeats: period 5 needs 3·5 = 15 periodic tokens; 10 are not enough (min_tail lowered to 1).
+    assert not ends_in_loop([99, 6, 5, 4, 3] + [7, 6, 5, 4, 3] * 2, stopped=False, min_tail=1)
+    assert ends_in_loop([7, 6, 5, 4, 3] * 3, stopped=False, min_tail=1)
+
+
+def test_distinct_n():
+    # Bigrams (1,2), (2,3), (1,2), (2,4): 3 distinct of 4. Pooled over the corpus (each sequence alone is 1.0).
+    assert distinct_n([[1, 2, 3], [1, 2, 4]], 2) == 0.75
+    assert distinct_n([[5, 5, 5, 5]], 2) == 1 / 3
+    assert distinct_n([[1], []], 2) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# KL to the reference
+
+
+def test_kl_of_a_model_to_itself_is_exactly_zero(model_a, tokenizer, chat_rows):
+    kl = mean_kl_to_reference(model_a, model_a, tokenizer, chat_rows, batch_size=2)
+    assert_close(torch.tensor(kl), torch.tensor(0.0), atol=0, rtol=0)
+
+
+def test_response_kl_by_hand():
+    # Vocabulary of 2. Reference p = (1/2, 1/2), model q = (1/4, 3/4):
+    # KL(p ‖ q) = ½ ln(½ / ¼) + ½ ln(½ / ¾) = ½ ln 2 + ½ ln(2/3) = ½ ln(4/3).
+    reference = torch.log(torch.tensor([[[0.5, 0.5], [0.5, 0.5]]]))  # [batch 1, 2 positions, vocab 2]
+    model = torch.log(torch.tensor([[[0.25, 0.75], [0.9, 0.1]]]))
+    mask = torch.tensor([[True, False]])  # the second position is outside the response
+    total, count = response_kl_sum(reference, model, mask)
+    assert count == 1
+    assert total == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+
+
+def test_response_mask_marks_the_positions_that_predict_the_response():
+    # Row 0: 6 tokens, prompt 4 -> tokens 4, 5 are predicted at positions 3, 4. Row 1: 3 tokens, prompt 1, padded to 6.
+    mask = response_mask([4, 1], [6, 3], width=6)
+    assert mask.tolist() == [[False, False, False, True, True, False], [True, True, False, False, False, False]]
+
+
+class ScriptedLogits:
+    """A stand-in causal LM whose logits are a function of the input ids: [batch, seq] -> [batch, seq, vocab]."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, logits_for):
+        self.logits_for = logits_for
+
+    def __call__(self, input_ids, attention_mask):
+        return type("Output", (), {"logits": self.logits_for(input_ids)})()
+
+
+def test_kl_counts_only_the_final_assistant_messages_tokens(tokenizer, chat_rows):
+    """The model equals the uniform reference exactly on the logit positions that predict the last assistant
+    message, and is wildly different everywhere else (prompt, earlier assistant turns, padding): the KL must be
+    0. Moving the difference onto one response position must make it count, with the hand-computed weight."""
+    vocab = len(tokenizer)
+    # Independent of heal/evaluate.py: where the final assistant message starts and ends, straight from the template.
+    spans = []
+    for messages in chat_rows:
+        full, prompt = template_ids(tokenizer, messages), template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+        spans.append((full, len(prompt)))
+    by_ids = {tuple(full): prompt_length for full, prompt_length in spans}
+    garbage = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 5
+
+    def logits_outside_response(input_ids):
+        logits = torch.zeros(*input_ids.shape, vocab)
+        for row, ids in enumerate(input_ids.tolist()):
+            length = next(n for n in range(len(ids), 0, -1) if tuple(ids[:n]) in by_ids)
+            prompt_length = by_ids[tuple(ids[:length])]
+            logits[row, : prompt_length - 1] = garbage  # positions predicting the prompt
+            logits[row, length - 1 :] = garbage  # the last real token (predicts nothing) and the padding
+        return logits
+
+    uniform = ScriptedLogits(lambda input_ids: torch.zeros(*input_ids.shape, vocab))
+    outside = ScriptedLogits(logits_outside_response)
+    assert mean_kl_to_reference(outside, uniform, tokenizer, chat_rows, batch_size=2) == 0.0
+
+    def logits_on_first_response_position(input_ids):
+        logits = logits_outside_response(input_ids)
+        for row, ids in enumerate(input_ids.tolist()):
+            length = next(n for n in range(len(ids), 0, -1) if tuple(ids[:n]) in by_ids)
+            logits[row, by_ids[tuple(ids[:length])] - 1] = garbage
+        return logits
+
+    # KL(uniform ‖ softmax(garbage)) at one position per row, over all response tokens.
+    log_uniform = torch.full((vocab,), -math.log(vocab))
+    kl_one = (log_uniform.exp() * (log_uniform - torch.log_softmax(garbage, -1))).sum()
+    response_tokens = sum(len(full) - prompt_length for full, prompt_length in spans)
+    expected = kl_one.item() * len(chat_rows) / response_tokens
+    kl = mean_kl_to_reference(ScriptedLogits(logits_on_first_response_position), uniform, tokenizer, chat_rows, batch_size=2)
+    assert kl == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_matches_unpadded_rows_one_at_a_time(model_a, model_b, tokenizer, chat_rows):
+    """Batched with right padding == each row alone, token-weighted over the final assistant message."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for messages in chat_rows:
+            prompt = template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+            full = torch.tensor([template_ids(tokenizer, messages)])
+            positions = slice(len(prompt) - 1, full.shape[1] - 1)
+            kl = token_kl(model_a(full).logits[0, positions], model_b(full).logits[0, positions])
+            total, count = total + kl.sum().item(), count + kl.numel()
+    kl = mean_kl_to_reference(model_b, model_a, tokenizer, chat_rows, batch_size=3)
+    assert kl > 0
+    assert_close(torch.tensor(kl), torch.tensor(total / count), rtol=1e-5, atol=1e-7)
+
+
+def test_a_row_whose_prompt_is_not_a_prefix_is_named(tokenizer, chat_rows):
+    odd = copy.deepcopy(tokenizer)
+    odd.chat_template = "{% if not add_generation_prompt %}w9 {% endif %}" + CHAT_TEMPLATE  # the full text gains a first token
+    with pytest.raises(EvalError, match=r"held-out row 0: .*not a prefix"):
+        encode_response_examples(odd, chat_rows, source="held-out")
+
+
+def test_a_row_without_a_final_assistant_message_is_named(tmp_path, chat_rows):
+    rows = [{"messages": m} for m in chat_rows] + [{"messages": chat_rows[0][:-1]}]
+    path = write_jsonl(tmp_path / "instruct.jsonl", rows)
+    with pytest.raises(EvalError, match=rf"{path.name} row {len(chat_rows)}: the last message must be the assistant's"):
+        load_instruct(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def test_perplexity_of_one_row_is_exp_of_the_models_own_loss(model_a, tokenizer):
+    text = "w1 w7 w300 w42 w42 w9 w100 w5"
+    input_ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        loss = model_a(input_ids, labels=input_ids).loss  # mean NLL over the 7 predicted tokens
+    assert_close(torch.tensor(perplexity(model_a, tokenizer, [text])), loss.exp(), rtol=1e-5, atol=0)
+
+
+def test_perplexity_weights_rows_by_tokens_and_ignores_padding_and_truncated_tokens(model_a, tokenizer):
+    texts = ["w1 w2 w3", "w10 w11 w12 w13 w14 w15 w16", "w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 w17"]
+    max_length = 9  # cuts the last row to 9 tokens
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"][:max_length]])
+            nll += model_a(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    batched = perplexity(model_a, tokenizer, texts, max_length=max_length, batch_size=3)
+    assert_close(torch.tensor(batched), torch.tensor(math.exp(nll / count)), rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Greedy continuations
+
+
+def generate_alone(model, tokenizer, messages, max_new_tokens):
+    """One prompt, no padding, straight model.generate; cut at the first stop token."""
+    ids = template_ids(tokenizer, messages, add_generation_prompt=True)
+    stops = [tokenizer.eos_token_id, tokenizer.get_vocab()["<end_of_turn>"]]
+    with torch.no_grad():
+        output = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                pad_token_id=tokenizer.pad_token_id)[0, len(ids) :].tolist()
+    end = next((i for i, token in enumerate(output) if token in stops), None)
+    return output[:end], end is not None
+
+
+def test_stop_tokens_are_eos_and_end_of_turn(tokenizer):
+    vocab = tokenizer.get_vocab()
+    assert stop_token_ids(tokenizer) == sorted([vocab["<eos>"], vocab["<end_of_turn>"]])  # not <unk> for an absent <|im_end|>
+
+
+def test_greedy_batches_match_one_prompt_at_a_time(model_a, tokenizer):
+    prompts = user_prompts(5)  # 1 to 9 words: left padding differs from row to row
+    max_new_tokens = 10
+    continuations = greedy_continuations(model_a, tokenizer, prompts, max_new_tokens, batch_size=3)
+    expected = [generate_alone(model_a, tokenizer, p, max_new_tokens) for p in prompts]
+    assert [(c.tokens, c.stopped) for c in continuations] == expected
+
+    # Make a token that prompt 0 generates (its 4th) the EOS: that row stops there, its batch-mates go on.
+    stopping = copy.deepcopy(tokenizer)
+    stopping.eos_token = tokenizer.convert_ids_to_tokens(continuations[0].tokens[3])
+    stopped = greedy_continuations(model_a, stopping, prompts, max_new_tokens, batch_size=3)
+    expected = [generate_alone(model_a, stopping, p, max_new_tokens) for p in prompts]
+    assert [(c.tokens, c.stopped) for c in stopped] == expected
+    assert stopped[0].stopped and len(stopped[0].tokens) <= 3
+    assert any(not c.stopped and len(c.tokens) == max_new_tokens for c in stopped)
+
+
+# ---------------------------------------------------------------------------------------------------
+# lm-eval-harness
+
+
+def choice_loglikelihoods(model, tokenizer, question: str, choices: list[str]) -> list[float]:
+    """Σ log p(choice tokens | question), lm-eval's way: the context, then " " + choice."""
+    lls = []
+    context = tokenizer(question)["input_ids"]
+    for choice in choices:
+        whole = tokenizer(question + " " + choice)["input_ids"]
+        assert whole[: len(context)] == context  # word-level tokens: the split is clean
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+        lls.append(sum(log_probs[i - 1, whole[i]].item() for i in range(len(context), len(whole))))
+    return lls
+
+
+def write_mc_task(folder, rows) -> None:
+    data = write_jsonl(folder / "mc.jsonl", rows)
+    (folder / f"{TASK}.yaml").write_text(yaml.safe_dump({
+        "task": TASK, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "{{question}}", "doc_to_target": "label",
+        "doc_to_choice": "choices",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+    }))
+
+
+@pytest.fixture(scope="module")
+def mc_task(model_a, tokenizer, tmp_path_factory):
+    """Six 3-way questions; the label is the by-hand argmax for 4 of them and a wrong choice for 2: acc = 4/6.
+    Returns (tasks folder, acc, acc_norm) with acc_norm computed the same way (log-likelihood / choice characters)."""
+    rng = random.Random(1)
+    rows, hits, norm_hits = [], 0, 0
+    for index in range(6):
+        question = words(rng, rng.randint(2, 6))
+        choices = [words(rng, rng.randint(1, 4)) for _ in range(3)]
+        lls = choice_loglikelihoods(model_a, tokenizer, question, choices)
+        best = max(range(3), key=lambda i: lls[i])
+        best_norm = max(range(3), key=lambda i: lls[i] / len(choices[i]))
+        label = best if index < 4 else (best + 1) % 3
+        hits, norm_hits = hits + (label == best), norm_hits + (label == best_norm)
+        rows.append({"question": question, "choices": choices, "label": label})
+    folder = tmp_path_factory.mktemp("tasks")
+    write_mc_task(folder, rows)
+    return folder, hits / 6, norm_hits / 6
+
+
+def test_lm_eval_accuracy_matches_the_argmax_by_hand(model_a, tokenizer, mc_task):
+    folder, acc, acc_norm = mc_task
+    assert acc == pytest.approx(4 / 6)
+    scores = lm_eval_scores(model_a, tokenizer, [TASK], folder, batch_size=4)
+    assert scores == {f"{TASK}/acc": pytest.approx(acc), f"{TASK}/acc_norm": pytest.approx(acc_norm)}
+
+
+def test_an_unknown_task_is_named(model_a, tokenizer, mc_task):
+    with pytest.raises(EvalError, match="no_such_task"):
+        lm_eval_scores(model_a, tokenizer, ["no_such_task"], mc_task[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several models, the report, the CLI
+
+
+def test_evaluate_models_end_to_end(tiny_a, tiny_b, chat_rows, mc_task, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": words(random.Random(i), 4)} for i in range(3)])
+    instruct = write_jsonl(tmp_path / "instruct.jsonl", [{"messages": m} for m in chat_rows])
+    text = write_jsonl(tmp_path / "text.jsonl", rows_for("text", 3))
+    config = EvalConfig(prompts=prompts, instruct=instruct, text=text, tasks=(TASK,), tasks_dir=mc_task[0],
+                        max_new_tokens=8, batch_size=2)
+    results = evaluate_models({"source": tiny_a, "copy": tiny_a, "other": tiny_b}, "source", config)
+
+    models = results["models"]
+    assert list(models) == ["source", "copy", "other"]
+    source, same, other = (models[name]["metrics"] for name in models)
+    assert source["kl_to_reference"] == 0.0 and source["length_ratio"] == 1.0
+    assert same == source  # the same weights under another name: every number equal, the KL computed as 0
+    assert other["kl_to_reference"] > 0
+    assert other["length_ratio"] == pytest.approx(other["mean_length"] / source["mean_length"])
+    expected = {"seq_rep_4", "loop_rate", "distinct_2", "mean_length", "length_ratio", "kl_to_reference", "perplexity",
+                f"{TASK}/acc", f"{TASK}/acc_norm"}
+    assert set(other) == expected
+    assert source[f"{TASK}/acc"] == pytest.approx(mc_task[1])
+    assert all(len(m["continuations"]) == 3 for m in models.values())
+
+    out = write_report(results, tmp_path / "report")
+    assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(results))
+    report = (out / "eval.md").read_text()
+    assert all(f"| {name} |" in report for name in models) and all(f" {metric} |" in report for metric in expected)
+    assert models["other"]["continuations"][0] in report
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".report.partial-*"))
+
+
+def test_cli_unknown_reference_exits_2_and_names_it(tiny_a, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert main(["--model", f"a={tiny_a}", "--reference", "nosuchmodel", "--out", str(tmp_path / "out")]) == 2
+    assert "'nosuchmodel'" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_folder_and_other_vocabulary_are_named(tiny_a, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert main(["--model", f"a={tiny_a}", "--model", f"gone={tmp_path / 'gone'}", "--out", str(tmp_path / "out")]) == 2
+    assert "'gone'" in caplog.text
+
+    other_vocab = tmp_path / "other-vocab"
+    other_vocab.mkdir()
+    shutil.copy(tiny_a / "config.json", other_vocab / "config.json")
+    save_tiny_tokenizer(other_vocab, 300)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(["--model", f"a={tiny_a}", "--model", f"odd={other_vocab}", "--reference", "a",
+                     "--out", str(tmp_path / "out")]) == 2
+    assert "'odd'" in caplog.text and "vocabulary" in caplog.text
+
+
+def test_cli_malformed_model_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "no-equals-sign"])
+    assert exit_info.value.code == 2
+    assert "NAME=DIR" in capsys.readouterr().err
