@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("out/demo"), help="where every stage writes (default: out/demo)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--force", action="store_true", help="delete WORKDIR first and run every stage again")
-    parser.add_argument("--cache-dir", type=Path, help="downloads and the converted source (default: ~/.cache/heal-demo)")
+    parser.add_argument("--cache-dir", type=Path, help="downloads and the converted source (default: $HEAL_DEMO_CACHE or .venv/share/heal-demo)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.force:
@@ -117,7 +117,7 @@ def run_demo(workdir: Path, preset: Preset, preset_name: str, cache_dir: Path | 
     logger.info("demo preset %r in %s:\n%s", preset_name, workdir, json.dumps(_describe(preset), indent=2))
     stage = _Stages(workdir / "stage_seconds.json")
     stage("data", data / "data.json", lambda: prepare(data, cache_dir=cache, **preset.data_args))
-    stage("source", source / "config.json", lambda: convert_gguf(smollm2_gguf_path(), source))
+    convert_gguf(smollm2_gguf_path(), source)  # reuses an earlier conversion itself, by its own completeness check
     stage("stack", workdir / "raw" / "stack.json",
           lambda: _run("-m", "stack", RECIPES / "mini-e6b.yaml", "--source", source, "--out", workdir / "raw"))
     if any(ARMS[name].overrides["protect"] for name in preset.arms):
