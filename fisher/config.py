@@ -52,6 +52,11 @@ class FisherConfig:
     dataset_text_field: str = "text"
     max_nonfinite_share: float = 0.01  # fail when more than this share of examples has non-finite gradients
     examples_per_chunk: int = 1  # per-example gradients held at once for one module: memory vs speed
+    # Loss positions whose [positions, vocab] fp32 logits exist at once: ≈ 6 · this · vocab · 4 bytes at the peak.
+    logit_chunk_size: int = 256
+    # Passes over the data, each hooking one contiguous group of decoder layers: hooked activations and fp32
+    # sums on the device shrink to ~1/layer_groups, the forward/backward work grows layer_groups times.
+    layer_groups: int = 1
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -60,7 +65,7 @@ class FisherConfig:
             raise ConfigError(f"estimator {self.estimator!r} must be one of {ESTIMATORS}")
         if self.num_samples < 1 or (self.mode == "empirical" and self.num_samples != 1):
             raise ConfigError(f"num_samples {self.num_samples}: use 1 with mode empirical, >= 1 with mode true")
-        for name in ("max_length", "batch_size", "examples_per_chunk"):
+        for name in ("max_length", "batch_size", "examples_per_chunk", "logit_chunk_size", "layer_groups"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.datasets:
@@ -87,6 +92,14 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> FisherConfig
     datasets = raw.get("datasets")
     if isinstance(datasets, str):  # --data PATH
         datasets = [{"path": datasets}]
+    try:
+        return FisherConfig(**{**raw, "datasets": dataset_specs(datasets, where)})
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def dataset_specs(datasets: Any, where: str) -> tuple[DatasetSpec, ...]:
+    """A recipe's `datasets:` list (shared by fisher and heal recipes), each entry checked for unknown keys."""
     if not isinstance(datasets, list):
         raise ConfigError(f"{where}: datasets must be a list of {{path: ...}} entries")
     specs = []
@@ -94,11 +107,11 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> FisherConfig
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: datasets[{i}] must be a mapping with a 'path'")
         _reject_unknown(entry, DatasetSpec, f"{where}: datasets[{i}]")
-        specs.append(DatasetSpec(**entry))
-    try:
-        return FisherConfig(**{**raw, "datasets": tuple(specs)})
-    except TypeError as error:
-        raise ConfigError(f"{where}: {error}") from None
+        try:
+            specs.append(DatasetSpec(**entry))
+        except TypeError as error:  # no `path`
+            raise ConfigError(f"{where}: datasets[{i}]: {error}") from None
+    return tuple(specs)
 
 
 def _reject_unknown(raw: dict[str, Any], cls, where: str) -> None:

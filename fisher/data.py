@@ -69,7 +69,8 @@ def load_examples(config: FisherConfig, tokenizer) -> tuple[list[Example], DataS
                 continue
             examples.append(Example(example_id, input_ids, labels))
     if not examples:
-        raise DataError("no example has a loss token; check the datasets' format and the loss-mask options")
+        raise DataError(f"no example of {[spec.path for spec in config.datasets]} has a loss token; "
+                        "check the datasets' format and the loss-mask options")
     return examples, stats
 
 
@@ -94,6 +95,8 @@ def _load(spec: DatasetSpec):
     local = path.exists() or spec.path.startswith((".", "/", "~")) or path.suffix in _LOCAL_FORMATS
     if local and not path.exists():
         raise DataError(f"data path {spec.path!r} does not exist; give a JSONL/JSON/parquet/arrow file, a folder, or a hub dataset name")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"data file {spec.path!r} is empty; give a dataset with at least one row")
     try:
         if path.is_dir() and (path / "dataset_info.json").is_file():
             loaded = datasets.load_from_disk(str(path))
@@ -143,12 +146,8 @@ def _tokenize_with_trl(dataset, spec: DatasetSpec, tokenizer, config: FisherConf
     from accelerate import PartialState
     from trl import SFTConfig, SFTTrainer
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-    from trl.data_utils import is_conversational
 
-    conversational = is_conversational(dataset[0])
-    if conversational and not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"dataset {spec.path!r} is conversational but the tokenizer of {config.model!r} has no chat template; "
-                        "use a tokenizer with one, or convert the rows to plain text")
+    check_chat_template(dataset, spec, tokenizer, config.model)
     assistant_only = config.assistant_only_loss and "messages" in dataset.column_names
     PartialState()  # SFTConfig would otherwise reset the distributed state of the running Accelerator
     with tempfile.TemporaryDirectory() as scratch:
@@ -177,6 +176,15 @@ def _tokenize_with_trl(dataset, spec: DatasetSpec, tokenizer, config: FisherConf
         if "assistant" not in str(error):
             raise
         raise no_assistant_mask from None
+
+
+def check_chat_template(dataset, spec: DatasetSpec, tokenizer, model: str) -> None:
+    """Conversational rows are tokenized through the tokenizer's chat template: it must have one."""
+    from trl.data_utils import is_conversational
+
+    if is_conversational(dataset[0]) and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"dataset {spec.path!r} is conversational but the tokenizer of {model!r} has no chat "
+                        "template; use a tokenizer with one, or convert the rows to plain text")
 
 
 def _skip_rows_without_assistant_turn(dataset, spec: DatasetSpec):

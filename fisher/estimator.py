@@ -11,6 +11,11 @@ adds the squares into an fp32 sum (fused: sum += P·P), `examples_per_chunk` exa
 therefore exist for one module and a few examples at once, never for the whole model. Weights
 are frozen, so autograd never builds the (batch-summed, useless here) weight gradients.
 
+Memory. The hooks keep every tracked module's input X until the backward, for all modules at once: gradient
+checkpointing cannot free them (for E4B at batch 4 × 2048 tokens, bf16, ~14 GB; docs/benchmarks.md). A
+per-layer-group pass (FisherConfig.layer_groups, fisher.run) hooks one contiguous group of decoder layers per
+pass over the data, so those inputs and the fp32 sums on the device shrink to ~1/groups.
+
 Non-finite per-example gradients are not added. Because the first module to see one may come after
 others already added that example, such examples are then removed again by a second backward
 over the same graph that subtracts exactly what was added (see `Accumulator.correction`).
@@ -22,6 +27,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from .config import ConfigError
+from .head import LogitHead, token_log_likelihoods
 
 
 def _exact(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -42,20 +50,32 @@ class Accumulator:
     def __init__(self, modules: dict[str, nn.Linear], estimator: str = "exact", examples_per_chunk: int = 1):
         self.modules = modules
         self.names = {module: name for name, module in modules.items()}
-        self.sums = {name: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for name, m in modules.items()}
+        # name -> fp32 [out, in], created on the weight's device when the module is first hooked
+        self.sums: dict[str, torch.Tensor] = {}
         self.per_example = PER_EXAMPLE[estimator]
         self.chunk = examples_per_chunk
         self._subtract: dict[str, torch.Tensor] | None = None  # set during a correction backward
         self._include: torch.Tensor | None = None
 
     @contextmanager
-    def hooked(self):
-        handles = [module.register_forward_hook(self._on_forward) for module in self.modules.values()]
+    def hooked(self, names: list[str] | None = None, offload: bool = False):
+        """Accumulate into the modules `names` (default: all) while inside. Their sums live on the weights'
+        device meanwhile; `offload` moves them to CPU on exit (a per-layer-group pass: one group's on the device)."""
+        names = list(self.modules) if names is None else names
+        for name in names:
+            weight = self.modules[name].weight
+            previous = self.sums.get(name)
+            self.sums[name] = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if previous is None
+                               else previous.to(weight.device))
+        handles = [self.modules[name].register_forward_hook(self._on_forward) for name in names]
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
+            if offload:
+                for name in names:
+                    self.sums[name] = self.sums[name].cpu()
 
     def _on_forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if output.requires_grad:  # False in a no-grad pass (e.g. the first pass of gradient checkpointing)
@@ -124,26 +144,37 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """For `true` mode: at each loss position of one example, a token drawn from the model's own
-    predictive distribution there (teacher-forced on the data prefix). logits [T, V], labels [T]."""
-    sampled = labels.clone()
-    positions = (labels[1:] != -100).nonzero().squeeze(1) + 1  # label t is predicted from logits t-1
-    probs = torch.softmax(logits[positions - 1].float(), dim=-1)
-    sampled[positions] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return sampled
-
-
 def example_generator(seed: int, example_id: int, sample: int, device: torch.device) -> torch.Generator:
     """A generator that depends only on (seed, example, sample): label draws do not depend on batching or rank."""
     mixed = (seed * 0x9E3779B97F4A7C15 + example_id * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB) % (2**63)
     return torch.Generator(device=device).manual_seed(mixed)
 
 
-def per_example_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """ℓ_b = Σ over loss tokens of log p(label_t | prefix), per example. logits [B, T, V], labels [B, T] -> [B]."""
+def layer_groups(model: nn.Module, modules: dict[str, nn.Linear], count: int) -> list[list[str]]:
+    """The names in `modules`, split by decoder layer into `count` contiguous groups of (nearly) equal layer counts."""
+    layers = model.get_decoder().layers
+    if count > len(layers):
+        raise ConfigError(f"layer_groups {count} is more than the decoder's {len(layers)} layers; "
+                          f"use 1 to {len(layers)}")
+    layer_of = {module: index for index, layer in enumerate(layers) for module in layer.modules()}
+    size, extra = divmod(len(layers), count)
+    bounds = [i * size + min(i, extra) for i in range(count + 1)]  # the first `extra` groups get one more layer
+    return [[name for name, module in modules.items() if bounds[g] <= layer_of[module] < bounds[g + 1]]
+            for g in range(count)]
+
+
+def label_uniforms(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For `true` mode: one uniform in [0, 1) per loss position of one example (labels [T], in order of position),
+    from that example's generator; `sample_tokens` turns each into a draw from the model's distribution there."""
+    return torch.rand(int((labels[1:] != -100).sum()), generator=generator, device=labels.device)
+
+
+def per_example_log_likelihood(hidden: torch.Tensor, labels: torch.Tensor, head: LogitHead,
+                               chunk_size: int) -> torch.Tensor:
+    """ℓ_b = Σ over loss tokens of log p(label_t | prefix), per example: final hidden states [B, T, hidden],
+    labels [B, T] -> fp32 [B]. The logits exist for `chunk_size` loss positions at a time, never for [B, T]."""
     targets = labels[:, 1:]
-    mask = targets != -100
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, picked, torch.zeros_like(picked)).sum(dim=1)
+    mask = targets != -100  # position t predicts label t+1
+    picked = token_log_likelihoods(hidden[:, :-1][mask], targets[mask], head, chunk_size)  # [N] loss positions
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, picked)

@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from fisher.config import DatasetSpec
+from fisher.config import ConfigError, DatasetSpec, dataset_specs
+from heal.protection import ProtectionConfig, ProtectionError
 
 
 class HealConfigError(ValueError):
@@ -27,6 +28,8 @@ class HealConfig:
     stack: str  # the raw stack folder written by `python -m stack` (checkpoint + stack.json)
     datasets: tuple[DatasetSpec, ...]
     fisher: str | None = None  # fisher.safetensors of the stack's source model; None: no protection
+    # A Fisher whose recorded source shards differ from stack.json's is an error; true: only a warning.
+    fisher_allow_other_source: bool = False
     num_examples: int | None = None  # rows drawn from the dataset mixture (None: all)
     # What gets LoRA (heal/targets.py): slots within ±seam_width of each seam, the grafted k/v.
     seam_width: int = 2
@@ -65,7 +68,12 @@ class HealConfig:
         self._check_objective()
         if self.seam_width < 1:
             raise HealConfigError(f"seam_width must be >= 1, got {self.seam_width}")
-
+        if self.num_examples is not None and self.num_examples < 1:
+            raise HealConfigError(f"num_examples must be >= 1 (or unset: every row), got {self.num_examples}")
+        try:  # the ranges ProtectionConfig enforces, checked here: before any model loads
+            ProtectionConfig(self.mass_share, self.max_fraction, self.first_copy_only)
+        except ProtectionError as error:
+            raise HealConfigError(str(error)) from None
 
     def _check_objective(self):
         if self.objective not in OBJECTIVES:
@@ -98,7 +106,10 @@ def load_config(path: str | Path, **overrides: Any):
     if unknown:
         raise HealConfigError(f"{path}: unknown key(s) {unknown}; keys are HealConfig fields (heal/config.py) or SFTConfig fields")
     heal_raw = {k: v for k, v in raw.items() if k in heal_keys}
-    specs = tuple(DatasetSpec(**spec) for spec in heal_raw.pop("datasets", []) or [])
+    try:  # the same parsing as fisher recipes: an unknown key in an entry is named
+        specs = dataset_specs(heal_raw.pop("datasets", None) or [], str(path))
+    except ConfigError as error:
+        raise HealConfigError(str(error)) from None
     if not specs:
         raise HealConfigError(f"{path}: `datasets` is empty; give at least one {{path: ...}}")
     for key in ("modules", "targets"):

@@ -32,6 +32,8 @@ from torch import nn
 from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from fisher.head import LogitHead
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,33 +48,7 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tempera
     return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-# ---- the LM head, applied to a chunk of hidden states ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LogitHead:
-    """What turns final hidden states into logits: z = softcap(h Wᵀ + b), softcap(x) = c · tanh(x / c)."""
-
-    weight: torch.Tensor  # [vocab, hidden]
-    bias: torch.Tensor | None
-    softcap: float | None  # Gemma's final_logit_softcapping; None for most models
-
-    @classmethod
-    def of(cls, causal_lm: nn.Module) -> LogitHead:
-        head = causal_lm.get_output_embeddings()
-        softcap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
-        return cls(head.weight, head.bias, softcap)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> fp32 [n, vocab]; the matmul runs in the weight's dtype (bf16 on GPU)."""
-        z = nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias).float()
-        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
-
-    def backward_through(self, grad_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """d loss / d hidden, given d loss / d logits [n, vocab] and the (capped) logits."""
-        if self.softcap is not None:
-            grad_logits = grad_logits * (1 - (logits / self.softcap) ** 2)  # d/dx c·tanh(x/c) = 1 − tanh²
-        return grad_logits.to(self.weight.dtype) @ self.weight
+# ---- the chunked KL over the LM heads (fisher.head.LogitHead: z = softcap(h Wᵀ + b)) ---------------------
 
 
 class _ChunkedKL(torch.autograd.Function):

@@ -26,12 +26,15 @@ source Fisher and stay unprotected.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 PROTECTION_FILE = "protection.safetensors"
 
@@ -108,6 +111,35 @@ def check_fisher_matches(fisher: dict[str, torch.Tensor], source_shapes: dict[st
         if tuple(values.shape) != tuple(source_shapes[name]):
             raise ProtectionError(f"Fisher tensor {name!r} has shape {list(values.shape)} but {source_model!r} has "
                                   f"{list(source_shapes[name])}; the Fisher comes from a different model")
+
+
+def check_fisher_provenance(fisher_path: str | Path, fisher_metadata: dict, manifest_path: str | Path, manifest: dict,
+                            allow_other_source: bool = False) -> None:
+    """The Fisher must come from the stack's source checkpoint: the same shard files with the same sha256.
+    Shapes cannot tell a base model from its instruction-tuned sibling (gemma-4-E4B vs E4B-it); the
+    hashes that fisher and the stacker each recorded can. `allow_other_source` downgrades a mismatch to a warning."""
+    recorded = fisher_metadata.get("model_shard_sha256") or {}
+    difference = _first_shard_difference(recorded, manifest["source"]["shard_sha256"])
+    if difference is None:
+        return
+    message = (f"{fisher_path} was computed on {fisher_metadata.get('model')!r}, but {manifest_path} was stacked from "
+               f"{manifest['source']['model']!r}, and their source shards differ ({difference})")
+    if allow_other_source:
+        logger.warning("%s; protecting with it anyway (fisher_allow_other_source: true)", message)
+        return
+    raise ProtectionError(f"{message}. Compute the Fisher on the stack's source model, or set "
+                          "fisher_allow_other_source: true if you mean to protect with another model's Fisher")
+
+
+def _first_shard_difference(fisher_shards: dict[str, str], stack_shards: dict[str, str]) -> str | None:
+    """'shard NAME: the Fisher's sha256 …, stack.json's …' for the first shard (by name) whose hash differs,
+    or None (hashes shortened to 16 hex digits)."""
+    for name in sorted(set(fisher_shards) | set(stack_shards)):
+        ours, theirs = fisher_shards.get(name), stack_shards.get(name)
+        if ours != theirs:
+            ours, theirs = (ours or "absent")[:16], (theirs or "absent")[:16]
+            return f"shard {name}: the Fisher's sha256 {ours}, stack.json's {theirs}"
+    return None
 
 
 # ---- which coordinates --------------------------------------------------------------------------------------
@@ -238,7 +270,9 @@ def save_protection(path: Path, plan: dict[str, ModuleProtection], shapes: dict[
         tensors[f"{name}.outputs"] = protection.outputs.contiguous()
     report = {name: protection.report(shapes[name]) for name, protection in plan.items()}
     metadata = {"format": "pt", "protection": json.dumps({"config": config.__dict__, "modules": report})}
-    save_file(tensors, path, metadata=metadata)
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(tensors, tmp, metadata=metadata)
+    tmp.replace(path)
 
 
 def load_protection(path: Path) -> dict[str, ModuleProtection]:
@@ -251,3 +285,15 @@ def load_protection(path: Path) -> dict[str, ModuleProtection]:
                                    entry["input_mass_covered"], entry["output_mass_covered"])
             for name, entry in report.items()
         }
+
+
+def plan_difference(recorded: dict[str, ModuleProtection], plan: dict[str, ModuleProtection]) -> str | None:
+    """How two plans differ (the modules protected, or the coordinates of the first differing one), or None."""
+    if recorded.keys() != plan.keys():
+        return (f"the recorded plan protects {len(recorded)} module(s), this run's {len(plan)}, e.g. "
+                f"{sorted(recorded.keys() ^ plan.keys())[0]!r} is in only one")
+    for name in sorted(plan):
+        same_inputs = torch.equal(recorded[name].inputs, plan[name].inputs)
+        if not (same_inputs and torch.equal(recorded[name].outputs, plan[name].outputs)):
+            return f"the protected {'output' if same_inputs else 'input'} coordinates of {name!r} differ"
+    return None

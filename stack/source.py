@@ -2,7 +2,8 @@
 
 Only safetensors headers are parsed here (8-byte little-endian header length, then a JSON header
 giving each tensor's dtype, shape and byte range). Tensor data is never read in this module, so a
-dry run of the 16 GB E4B touches a few megabytes.
+dry run of the 16 GB E4B touches a few megabytes; on a hub id, a dry run reads the headers through
+the hub API and downloads config.json alone.
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ import logging
 import math
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .atomic import MARKER_NAME
+
+if TYPE_CHECKING:
+    from huggingface_hub import SafetensorsRepoMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +43,10 @@ class TensorInfo:
     name: str
     dtype: str  # safetensors dtype, e.g. "BF16"
     shape: tuple[int, ...]
-    path: Path  # shard holding it
-    offset: int  # absolute byte offset of its data in `path`
+    path: Path  # shard holding it (read remotely: where the shard would sit beside config.json; never opened)
+    # Absolute byte offset of its data in `path`. None when read remotely: the hub API gives offsets within the
+    # data section but not the header's length, and a remote tensor's bytes are never read.
+    offset: int | None
 
     @property
     def nbytes(self) -> int:
@@ -51,10 +60,25 @@ class SourceCheckpoint:
     config: dict[str, Any]  # config.json, as raw JSON
     tensors: dict[str, TensorInfo]
     shards: tuple[Path, ...]
+    # Headers read through the hub API by open_source_headers (a dry run): the shards are not on disk.
+    remote: bool = False
 
 
 def open_source(model: str) -> SourceCheckpoint:
-    directory = resolve_source(model)
+    """The checkpoint with its shards on disk: a local folder, or a hub id downloaded whole (or cached)."""
+    return _open_local(model, resolve_source(model))
+
+
+def open_source_headers(model: str) -> SourceCheckpoint:
+    """The checkpoint's config and tensor headers, for a dry run: a hub id's headers are read through the hub
+    API, so only config.json is downloaded, never the weights. A remote result can be planned, never written."""
+    if Path(model).expanduser().is_dir():
+        return open_source(model)
+    _check_hub_id(model)
+    return _open_remote(model)
+
+
+def _open_local(model: str, directory: Path) -> SourceCheckpoint:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise SourceError(f"source {model!r} ({directory}) has no config.json; point --source at a HF model folder")
@@ -70,6 +94,11 @@ def open_source(model: str) -> SourceCheckpoint:
 
 def check_data_present(source: SourceCheckpoint) -> None:
     """Every tensor's bytes lie inside its shard (a stat per shard; no data is read)."""
+    if source.remote:
+        raise SourceError(
+            f"model {source.model!r} was read remotely (headers only, for --dry-run), so its weights are not on disk; "
+            "run without --dry-run to download them, or pass a local folder with --source"
+        )
     for shard in source.shards:
         size = shard.stat().st_size
         for info in source.tensors.values():
@@ -85,27 +114,90 @@ def resolve_source(model: str) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    _check_hub_id(model)
+    return _from_hub(model)
+
+
+def _check_hub_id(model: str) -> None:
+    """A name that is not an existing folder must look like a hub id ("org/name" or "name")."""
+    path = Path(model).expanduser()
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
         raise SourceError(f"source folder {model!r} does not exist; pass an existing HF model folder with --source")
-    return _from_hub(model)
 
 
 def _from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    def fetch(**kwargs) -> Path:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, **kwargs))
+
+    return _online_then_cache(repo_id, fetch)
+
+
+def _hub_config(repo_id: str) -> Path:
+    """config.json of a hub model, downloaded or taken from the local HF cache (a few KB)."""
+    from huggingface_hub import hf_hub_download
+
+    return _online_then_cache(repo_id, lambda **kw: Path(hf_hub_download(repo_id, "config.json", **kw)))
+
+
+def _online_then_cache(repo_id: str, fetch: Callable[..., Path]) -> Path:
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        return fetch()
     except Exception as online_error:  # offline, no such repo, gated, network down: all fall back to the cache
         logger.info("hub download of %s failed (%s); trying the local HF cache", repo_id, online_error)
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+            return fetch(local_files_only=True)
         except Exception:
             raise SourceError(
                 f"model {repo_id!r} could not be fetched from the hub ({str(online_error).splitlines()[0]}) "
-                "and is not in the local HF cache. Download it on a machine with access "
-                f"(`hf download {repo_id} --local-dir DIR`), then pass the folder: "
-                "`make raw SOURCE=DIR` / `python -m stack RECIPE --source DIR`, or `make fisher MODEL=DIR`."
+                f"and is not in the local HF cache. {_download_hint(repo_id)}"
             ) from None
+
+
+def _download_hint(repo_id: str) -> str:
+    return (f"Download it on a machine with access (`hf download {repo_id} --local-dir DIR`), then pass the folder: "
+            "`make raw SOURCE=DIR` / `python -m stack RECIPE --source DIR`, or `make fisher MODEL=DIR`.")
+
+
+def _open_remote(repo_id: str) -> SourceCheckpoint:
+    """config.json downloaded, every shard's header read through the hub API (HTTP range requests of the
+    header bytes only). If the hub cannot be reached but the weights are in the local HF cache, their headers
+    are read there."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import NotASafetensorsRepoError
+
+    config_path = _hub_config(repo_id)
+    directory = config_path.parent  # the HF cache's snapshot folder; the shards would sit beside config.json
+    try:
+        metadata = HfApi().get_safetensors_metadata(repo_id)
+    except NotASafetensorsRepoError:
+        raise SourceError(f"model {repo_id!r} has no model.safetensors or model.safetensors.index.json on the hub; "
+                          "the stacker reads safetensors only (re-save the model with save_pretrained)") from None
+    except Exception as online_error:  # offline, gated, network down
+        if (directory / "model.safetensors.index.json").is_file() or (directory / "model.safetensors").is_file():
+            logger.info("hub headers of %s unreadable (%s); reading the cached shards", repo_id, online_error)
+            return _open_local(repo_id, directory)
+        raise SourceError(
+            f"model {repo_id!r}: its safetensors headers could not be read from the hub "
+            f"({str(online_error).splitlines()[0]}) and its weights are not in the local HF cache. "
+            f"{_download_hint(repo_id)}"
+        ) from None
+    tensors = _remote_tensors(repo_id, directory, metadata)
+    shards = tuple(directory / name for name in dict.fromkeys(metadata.weight_map.values()))
+    return SourceCheckpoint(repo_id, directory, json.loads(config_path.read_text()), tensors, shards, remote=True)
+
+
+def _remote_tensors(repo_id: str, directory: Path, metadata: SafetensorsRepoMetadata) -> dict[str, TensorInfo]:
+    """TensorInfo per tensor of a huggingface_hub SafetensorsRepoMetadata, shard by shard as the index lists them."""
+    tensors: dict[str, TensorInfo] = {}
+    for shard in dict.fromkeys(metadata.weight_map.values()):
+        for name, meta in metadata.files_metadata[shard].tensors.items():
+            if name in tensors:
+                raise SourceError(f"tensor {name!r} of model {repo_id!r} appears in both {tensors[name].path.name} "
+                                  f"and {shard}")
+            tensors[name] = TensorInfo(name, meta.dtype, tuple(meta.shape), directory / shard, None)
+    return tensors
 
 
 def _find_shards(directory: Path, model: str) -> list[Path]:
@@ -161,8 +253,8 @@ def sha256_file(path: Path, chunk_bytes: int = 16 << 20) -> str:
 
 def copy_source_files(directory: Path, out_dir: Path) -> list[str]:
     """Copy tokenizer, chat template, processor and generation files: everything that is not weights,
-    the weight index, config.json (rewritten by the stacker) or the source's model card."""
-    skip_names = {"config.json", "model.safetensors.index.json", "README.md", ".gitattributes"}
+    the weight index, config.json (rewritten by the stacker), the source's model card or its output marker."""
+    skip_names = {"config.json", "model.safetensors.index.json", "README.md", ".gitattributes", MARKER_NAME}
     copied = []
     for path in sorted(directory.iterdir()):
         if path.is_file() and path.name not in skip_names and path.suffix not in {".safetensors", ".bin", ".pt", ".gguf"}:

@@ -2,6 +2,8 @@
 
     python -m stack.verify out/gemma-4-E6B-it-raw [--source DIR] [--load]
 
+Exit status: 0 when every tensor matches, 1 when one differs (named in the log), 2 for bad input.
+
 Every output tensor is compared with the source tensor the manifest maps it to: slot i's tensors
 with source layer j's (grafted K/V with the donor layer's), PLE blocks with the source's blocks,
 everything else with the same name. Tensors are read lazily, large ones in row blocks. With
@@ -133,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("all %d tensors equal their mapped source tensors", count)
         if args.load:
             logger.info("loads cleanly; greedy continuation of [2, 10, 20]: %s", verify_loads(args.stack_dir, [2, 10, 20]))
-    except (VerifyError, FileNotFoundError, ValueError) as error:
+    except VerifyError as error:  # the check ran and failed: the stack differs from its source
         logger.error("%s", error)
         return 1
+    except (FileNotFoundError, ValueError) as error:  # bad input (no folder, no stack.json, bad source), as every CLI
+        logger.error("%s", error)
+        return 2
     return 0
 
 

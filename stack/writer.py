@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .atomic import staged_output
+from .atomic import guard_output_dir, staged_output
 from .manifest import MANIFEST_NAME, manifest_from_plan
 from .plan import Copy, GatherBlocks, OutputTensor, StackPlan
 from .source import (
@@ -42,7 +42,7 @@ def write_stack(plan: StackPlan, source: SourceCheckpoint, out_dir: Path, force:
     out_dir = Path(out_dir)
     check_output_dir(out_dir, source, force)
     check_data_present(source)
-    with staged_output(out_dir) as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
+    with staged_output(out_dir, stage="stack") as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
         # Hash the source shards on a second thread while the first writes (hashlib releases the GIL).
         digests = {shard.name: hasher.submit(sha256_file, shard) for shard in source.shards}
         shard_names = _write_shards(plan, tmp)
@@ -57,12 +57,11 @@ def write_stack(plan: StackPlan, source: SourceCheckpoint, out_dir: Path, force:
 
 
 def check_output_dir(out_dir: Path, source: SourceCheckpoint, force: bool) -> None:
-    """Refuse to overwrite OUT without --force, and never write into or over the source."""
+    """Never write into or over the source, and replace only an earlier stack unless --force."""
     out, src = out_dir.resolve(), source.directory.resolve()
     if out == src or out in src.parents or src in out.parents:
         raise FileExistsError(f"output {out_dir} overlaps the source folder {source.directory}; choose another --out")
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"output {out_dir} already exists; pass --force to replace it, or choose another --out")
+    guard_output_dir(out_dir, "stack", force)
 
 
 def shard_file_names(num_shards: int) -> list[str]:

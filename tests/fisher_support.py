@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisher.estimator import example_generator, sample_labels
+from fisher.estimator import example_generator, label_uniforms
+from fisher.head import sample_tokens
 
 
 def words(rng: random.Random, count: int) -> str:
@@ -49,6 +50,15 @@ def tracked_weights(model: nn.Module) -> dict[str, nn.Parameter]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and ".layers." in name and "tower" not in name
     }
+
+
+def sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`true` mode's labels for one example from its full logits [T, V] at once: at each loss position, a draw
+    from the model's predictive distribution (label t is predicted from logits t-1). labels [T] -> [T]."""
+    sampled = labels.clone()
+    positions = (labels[1:] != -100).nonzero().squeeze(1) + 1
+    sampled[positions] = sample_tokens(logits[positions - 1].float(), label_uniforms(labels, generator))
+    return sampled
 
 
 def brute_force_fisher(model, examples, mode="empirical", seed=0, num_samples=1) -> dict[str, torch.Tensor]:

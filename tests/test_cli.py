@@ -80,11 +80,18 @@ def test_existing_output_is_refused_without_force_and_replaced_with_it(tiny_e4b,
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     assert run_stack(SEED_RECIPE, tiny_e4b, out) == 2
-    assert "already exists; pass --force" in caplog.text
+    assert f"output {out} already exists and was not written by `python -m stack` (it holds keep.txt)" in caplog.text
+    assert "pass --force to replace it" in caplog.text
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
     assert run_stack(SEED_RECIPE, tiny_e4b, out, "--force") == 0
     assert not (out / "keep.txt").exists() and (out / "stack.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    # The stacker's own earlier output is replaced without --force: a rerun.
+    (out / "stack.json").write_text("{}")
+    assert run_stack(SEED_RECIPE, tiny_e4b, out) == 0
+    assert json.loads((out / "stack.json").read_text()) != {}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -90,7 +90,7 @@ def test_fewer_rows_are_a_prefix_of_the_same_split(out, tmp_path):
     ]:
         assert read_jsonl(small / name) == read_jsonl(out / name)[:cap], name
     # Prompts and tasks come from the full held-out split whatever the caps.
-    for name in ["prompts.jsonl", *(f"lm_eval_tasks/{task}.jsonl" for task in TASKS)]:
+    for name in ["prompts.jsonl", "if_prompts.jsonl", *(f"lm_eval_tasks/{task}.jsonl" for task in TASKS)]:
         assert (small / name).read_bytes() == (out / name).read_bytes(), name
 
 
@@ -103,12 +103,65 @@ def test_rows_are_well_formed_chats(out):
             assert all(isinstance(m["content"], str) and m["content"].strip() for m in turns)
         counts = Counter(row["source"] for row in rows)
         assert set(counts) == set(data.INSTRUCT_SOURCES) and min(counts.values()) > 0, (name, counts)
-    heldout_prompts = {user_text(row) for row in read_jsonl(out / "instruct_heldout.jsonl")}
+    heldout = read_jsonl(out / "instruct_heldout.jsonl")
     prompts = read_jsonl(out / "prompts.jsonl")
-    assert Counter(row["source"] for row in prompts) == dict.fromkeys(data.INSTRUCT_SOURCES, 8)
     for row in prompts:
         assert [m["role"] for m in row["messages"]] == ["user"]
-        assert user_text(row) in heldout_prompts
+        assert data.PROMPT_MIN_WORDS <= len(user_text(row).split()) <= data.PROMPT_MAX_WORDS
+    # Every fitting held-out prompt, once: all of ifbench's and gsm8k's (they open their conversations).
+    assert len({user_text(row) for row in prompts}) == len(prompts)
+    for source in ("ifbench", "gsm8k"):
+        fitting = {user_text(row) for row in heldout if row["source"] == source
+                   and data.PROMPT_MIN_WORDS <= len(user_text(row).split()) <= data.PROMPT_MAX_WORDS}
+        assert {user_text(row) for row in prompts if row["source"] == source} == fitting, source
+    chats = {user_text(row) for row in heldout if row["source"] == "chatterbot"}
+    assert all(user_text(row) in chats for row in prompts if row["source"] == "chatterbot")
+    # Rounds of 8 per source: the first 24 rows hold 8 of each, in the sources' order.
+    assert [row["source"] for row in prompts[:24]] == [s for s in data.INSTRUCT_SOURCES for _ in range(8)]
+
+
+# sha256 of prompts.jsonl as the commit before the prompt rounds wrote it (8 per source, 24 rows): those rows
+# stay the first 24, so generation numbers measured on them before remain comparable.
+FIRST_24_PROMPTS_SHA256 = "f969c78af294b5f308379f0173293f59568ff51fff036ceb7733e3e4c87f3b93"
+
+
+def test_the_first_24_prompts_are_the_earlier_set(out):
+    lines = (out / "prompts.jsonl").read_bytes().splitlines(keepends=True)
+    assert hashlib.sha256(b"".join(lines[:24])).hexdigest() == FIRST_24_PROMPTS_SHA256
+
+
+def test_heldout_sets_are_large_enough(out):
+    """The power the evaluation needs: at least 128 prompts, KL rows and instruction prompts, 200 passages."""
+    manifest = json.loads((out / "data.json").read_text())
+    rows = {name: entry["rows"] for name, entry in manifest["files"].items()}
+    assert rows["prompts.jsonl"] >= 128 and rows["if_prompts.jsonl"] >= 128
+    assert rows["instruct_heldout.jsonl"] >= 128 and rows["text_heldout.jsonl"] >= 200
+    # verse_next_line is capped at 200; the other two tasks hold every held-out question there is.
+    assert rows["lm_eval_tasks/verse_next_line.jsonl"] == 200
+
+
+def test_if_prompts_are_heldout_prompts_with_checkable_instructions(out):
+    from evaluation import ifeval
+
+    prompts = ifeval.load_instruction_prompts(out / "if_prompts.jsonl")  # validates every row
+    bases, used = [], set()
+    for prompt in prompts:
+        assert len(set(prompt.instruction_ids)) == len(prompt.instruction_ids) in (1, 2)
+        assert frozenset(prompt.instruction_ids) not in ifeval.CONFLICTS
+        # The instructions are appended in IFEval's words, with the kwargs the checker will use.
+        text = " ".join(ifeval.INSTRUCTIONS[i].describe(**kw) for i, kw in zip(prompt.instruction_ids, prompt.kwargs))
+        assert prompt.prompt.endswith(f"\n\n{text}")
+        base = prompt.prompt.removesuffix(f"\n\n{text}")
+        assert heldout_by_rule(base) and prompt.key == hashlib.sha256(base.encode()).hexdigest()[:16]
+        bases.append(base)
+        used.update(prompt.instruction_ids)
+    assert used == set(ifeval.INSTRUCTIONS)
+    # The chatterbot and gsm8k prompts of prompts.jsonl, in its order.
+    sources = [row["source"] for row in read_jsonl(out / "if_prompts.jsonl")]
+    # Not IFBench's prompts: their own IFBench constraints, unscored, could contradict the appended ones.
+    assert set(sources) == {"chatterbot", "gsm8k"}
+    plain = [(row["source"], user_text(row)) for row in read_jsonl(out / "prompts.jsonl")]
+    assert list(zip(sources, bases)) == [(source, text) for source, text in plain if source in data.IF_SOURCES]
 
 
 def gsm8k_finals() -> dict[str, str]:
@@ -163,3 +216,8 @@ def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
     ):
         data.prepare(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_prompt_rounds_refuse_an_empty_round():
+    with pytest.raises(ValueError, match="prompts per source per round must be at least 1, got 0"):
+        data.prompt_rounds([], 0)

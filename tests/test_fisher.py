@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fisher.__main__ import FISHER_FILE, METADATA_KEY, PLOT_FILE, SUMMARY_FILE, compute_and_write, main
 from fisher.config import config_from_dict
 from fisher.data import load_examples
+from fisher.estimator import Accumulator
 from stack.source import read_safetensors_header
 from stack.tiny import save_tiny_decoder, save_tiny_gemma4
 
@@ -321,7 +322,7 @@ def test_parquet_and_save_to_disk_sources_give_the_jsonl_result(llama, data, tmp
     rows.save_to_disk(str(tmp_path / "chat-arrow"))
     expected = fisher_of(make_config(llama, data["messages"], tmp_path / "jsonl"))
     for source in (tmp_path / "chat.parquet", tmp_path / "chat-arrow"):
-        assert_fisher_close(fisher_of(make_config(llama, source, tmp_path / source.stem)), expected, rtol=1e-6)
+        assert_fisher_close(fisher_of(make_config(llama, source, tmp_path / f"out-{source.stem}")), expected, rtol=1e-6)
 
 
 def test_datasets_are_mixed_by_weight(llama, data, tmp_path):
@@ -355,3 +356,215 @@ def test_unreachable_model_says_how_to_pass_a_local_one(data, tmp_path, caplog, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert run_cli(tmp_path, caplog, model="nobody/not-cached-model", datasets=[{"path": str(data["text"])}]) == 2
     assert "is not in the local HF cache" in caplog.text
+
+
+# ---- memory: chunked LM head, per-layer-group passes ----------------------------------------------------------
+
+
+def random_head(vocab: int, hidden: int, softcap: float | None, seed: int = 0):
+    from fisher.head import LogitHead
+
+    generator = torch.Generator().manual_seed(seed)
+    return LogitHead(torch.randn(vocab, hidden, generator=generator), torch.randn(vocab, generator=generator), softcap)
+
+
+def reference_log_likelihood(hidden: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
+    """The unchunked formula over full [B, T, V] logits, in float64, written out independently of fisher/."""
+    z = hidden.double() @ head.weight.double().T + head.bias.double()
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
+    targets = labels[:, 1:]
+    picked = torch.log_softmax(z[:, :-1], dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets != -100, picked, 0.0).sum(1)
+
+
+def chunked_and_reference(head, chunk_size: int):
+    """ℓ [B] and d(Σ_b w_b ℓ_b)/d hidden, chunked (fisher/) and by the float64 reference, on padded random data."""
+    from fisher.estimator import per_example_log_likelihood
+
+    generator = torch.Generator().manual_seed(1)
+    batch, length, vocab, width = 3, 11, head.weight.shape[0], head.weight.shape[1]
+    hidden = torch.randn(batch, length, width, generator=generator) * 3
+    labels = torch.randint(0, vocab, (batch, length), generator=generator)
+    labels[0, :4] = -100  # a prompt
+    labels[2, 7:] = -100  # padding
+    weights = torch.randn(batch, generator=generator, dtype=torch.float64)  # a generic upstream gradient
+    chunked = hidden.clone().requires_grad_(True)
+    reference = hidden.double().requires_grad_(True)
+    results = []
+    for h, value in ((chunked, per_example_log_likelihood(chunked, labels, head, chunk_size)),
+                     (reference, reference_log_likelihood(reference, labels, head))):
+        (grad,) = torch.autograd.grad((value.double() * weights).sum(), h)
+        results.append((value.double(), grad.double()))
+    return results
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 1000])  # 22 loss positions: 4 and 7 do not divide them
+def test_chunked_log_likelihood_and_gradient_equal_the_full_logit_reference(softcap, chunk_size):
+    (value, grad), (expected_value, expected_grad) = chunked_and_reference(random_head(50, 16, softcap), chunk_size)
+    torch.testing.assert_close(value, expected_value, rtol=1e-5, atol=1e-4)  # fp32 logits vs the float64 reference
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+    assert bool(grad[2, 7:].eq(0).all()) and bool(grad[:, -1].eq(0).all())  # no label: no gradient
+
+
+def test_the_log_likelihood_comparison_catches_a_missing_softcap_derivative():
+    from fisher.head import LogitHead
+
+    class UncappedBackward(LogitHead):
+        def backward_through(self, grad_logits, logits):
+            return grad_logits @ self.weight
+
+    head = random_head(50, 16, 3.0)
+    (_, grad), (_, expected_grad) = chunked_and_reference(UncappedBackward(head.weight, head.bias, head.softcap), 4)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest tensor (in elements) that any op creates while active, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
+def test_log_likelihood_never_builds_logits_for_a_whole_sequence():
+    from fisher.estimator import per_example_log_likelihood
+
+    head, chunk = random_head(1000, 8, 30.0), 16
+    hidden = torch.randn(2, 200, 8, requires_grad=True)
+    labels = torch.randint(0, 1000, (2, 200))
+    with LargestTensor() as chunked:
+        per_example_log_likelihood(hidden, labels, head, chunk).sum().backward()
+    assert chunked.numel <= chunk * 1000  # one chunk's [chunk, V] logits; a sequence's would be 200 · 1000
+    with LargestTensor() as full:  # negative control: the full-logit formula is seen by the same probe
+        reference_log_likelihood(hidden, labels, head).sum().backward()
+    assert full.numel >= 2 * 199 * 1000
+
+
+def test_sampled_labels_do_not_depend_on_the_chunk_size():
+    from fisher.head import sample_tokens, sample_tokens_chunked
+
+    head = random_head(300, 8, 30.0)
+    hidden, uniforms = torch.randn(23, 8) * 2, torch.rand(23, generator=torch.Generator().manual_seed(3))
+    at_once = sample_tokens(head.logits(hidden), uniforms)
+    for chunk in (1, 4, 7, 23, 100):
+        assert torch.equal(sample_tokens_chunked(hidden, uniforms, head, chunk), at_once), chunk
+    assert len(set(at_once.tolist())) > 5  # the draws are not degenerate
+
+
+def test_sampled_labels_follow_the_predictive_distribution():
+    from fisher.head import sample_tokens
+
+    logits = torch.tensor([2.0, 0.0, float("-inf"), 1.0, -1.0, float("-inf")])  # tokens 2 and 5: probability 0
+    probs = torch.softmax(logits, dim=0)
+    draws = sample_tokens(logits.expand(20000, -1), torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    frequencies = torch.bincount(draws, minlength=6).float() / 20000
+    assert frequencies[2] == 0 and frequencies[5] == 0
+    torch.testing.assert_close(frequencies, probs, rtol=0, atol=0.01)  # 4 standard deviations at 20,000 draws
+    with pytest.raises(AssertionError):  # negative control: the check tells apart a nearby distribution
+        torch.testing.assert_close(frequencies, torch.softmax(logits * 1.2, dim=0), rtol=0, atol=0.01)
+
+
+class RecordingAccumulator(Accumulator):
+    """Records, per `hooked` context (one pass over the data), the modules whose inputs its hooks kept."""
+
+    def __init__(self, modules):
+        super().__init__(modules)
+        self.passes: list[set[str]] = []
+
+    def hooked(self, names=None, offload=False):
+        self.passes.append(set())
+        return super().hooked(names, offload)
+
+    def _on_forward(self, module, args, output):
+        self.passes[-1].add(self.names[module])
+        super()._on_forward(module, args, output)
+
+
+def fisher_in_process(model_dir, data_path, runs: list[dict]):
+    """run_fisher on one model object, once per dict of config overrides in `runs`: per run, the accumulator
+    (sums, and the modules hooked in each pass), the counts, and how often the LM head module ran."""
+    from fisher.__main__ import _prepare_for_fisher
+    from fisher.estimator import decoder_linears
+    from fisher.run import run_fisher
+
+    configs = [make_config(model_dir, data_path, "unused", **overrides) for overrides in runs]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    _prepare_for_fisher(model, configs[0])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples, _ = load_examples(configs[0], tokenizer)
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    results = []
+    for config in configs:
+        accumulator = RecordingAccumulator(decoder_linears(model))
+        counts = run_fisher(model, accumulator, examples, config, tokenizer.pad_token_id)
+        results.append((accumulator, counts, len(head_calls)))
+    return results
+
+
+@pytest.mark.parametrize("model_name, groups, mode", [("llama", 3, "true"), ("gemma4", 5, "empirical")])
+def test_layer_groups_give_the_one_pass_result_bit_for_bit(request, data, model_name, groups, mode):
+    options = dict(mode=mode, num_samples=2 if mode == "true" else 1, seed=5)
+    (one, one_counts, _), (split, split_counts, head_calls) = fisher_in_process(
+        request.getfixturevalue(model_name), data["messages"], [options, {**options, "layer_groups": groups}])
+    assert head_calls == 0  # the LM head module never runs: logits come from fisher.head, a chunk at a time
+    assert one.sums.keys() == split.sums.keys() and one_counts == split_counts
+    for name in one.sums:  # same graph, same order of additions: identical, not merely close
+        assert torch.equal(split.sums[name], one.sums[name]), name
+    # Each pass hooked one contiguous group of layers only (so held ~1/groups of the inputs); one pass hooks all.
+    assert len(one.passes) == 1 and one.passes[0] == set(one.modules)
+    assert len(split.passes) == groups and set().union(*split.passes) == set(split.modules)
+    layers_hooked = [sorted({int(n.split(".layers.")[1].split(".")[0]) for n in names}) for names in split.passes]
+    assert [layers[0] for layers in layers_hooked[1:]] == [layers[-1] + 1 for layers in layers_hooked[:-1]]
+    assert max(len(layers) for layers in layers_hooked) - min(len(layers) for layers in layers_hooked) <= 1
+
+
+def test_more_layer_groups_than_layers_is_a_clear_error(llama, data, tmp_path, caplog):
+    assert run_cli(tmp_path, caplog, model=str(llama), datasets=[{"path": str(data["text"])}], layer_groups=4) == 2
+    assert "layer_groups 4 is more than the decoder's 3 layers; use 1 to 3" in caplog.text
+
+
+@pytest.fixture
+def poison_top_layer_only(monkeypatch):
+    """A NaN output gradient at the last layer's down_proj for rows holding token 7 ("w1"), zeroed again at
+    its input: only that module sees it. A bottom-up per-layer-group pass has then already added the example
+    in the lower groups when the top group finds it, and must take it out of them again."""
+    import fisher.__main__ as fisher_main
+
+    original = fisher_main._prepare_for_fisher
+
+    def prepare(model, config):
+        original(model, config)
+        captured = {}
+        model.get_input_embeddings().register_forward_hook(lambda m, a, o: captured.update(ids=a[0]))
+
+        def poison(module, args, output):
+            rows = (captured["ids"] == 7).any(dim=1)
+            if output.requires_grad and rows.any():
+                output.register_hook(lambda g: torch.where(rows[:, None, None], torch.full_like(g, float("nan")), g))
+                args[0].register_hook(torch.nan_to_num)
+
+        model.model.layers[-1].mlp.down_proj.register_forward_hook(poison)
+
+    monkeypatch.setattr(fisher_main, "_prepare_for_fisher", prepare)
+
+
+def test_layer_groups_skip_a_nonfinite_example_in_every_group(llama, tmp_path, poison_top_layer_only):
+    rows = [{"text": "w2 w3 w4"}, {"text": "w5 w1 w6 w8"}, {"text": "w9 w10"}, {"text": "w11 w12 w13"}]
+    path = write_jsonl(tmp_path / "text.jsonl", rows)
+    config = make_config(llama, path, tmp_path / "out", max_nonfinite_share=0.5, batch_size=2, layer_groups=3)
+    fisher = fisher_of(config)
+    assert metadata_of(config)["skipped_nonfinite"] == 1
+    clean_rows = [r for r in rows if "w1 " not in r["text"]]
+    clean = make_config(llama, write_jsonl(tmp_path / "clean.jsonl", clean_rows), tmp_path / "ref")
+    assert_fisher_close(fisher, reference(clean), rtol=1e-4)

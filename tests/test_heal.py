@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from heal.config import HealConfigError, load_config
@@ -107,7 +109,8 @@ def test_targets_that_match_nothing(tmp_path, tiny_e6b, e4b_fisher, chat, caplog
 def test_fisher_from_another_model(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
     wrong = dict(load_file(e4b_fisher))
     wrong[f"{LAYERS}3.mlp.up_proj.weight"] = torch.ones(7, 7)
-    save_file(wrong, tmp_path / "wrong.safetensors")
+    with safe_open(e4b_fisher, "pt") as f:
+        save_file(wrong, tmp_path / "wrong.safetensors", metadata=f.metadata())  # fisher's metadata, a wrong shape
     assert main([str(heal_recipe(tmp_path / "r.yaml", tiny_e6b, tmp_path / "wrong.safetensors", chat, tmp_path / "o"))]) == 2
     assert f"Fisher tensor '{LAYERS}3.mlp.up_proj.weight' has shape [7, 7]" in caplog.text
 
@@ -137,16 +140,6 @@ def test_datasets_of_different_formats_are_a_clear_error(tmp_path, tiny_e6b, e4b
     assert "the datasets mix TRL formats" in caplog.text
 
 
-def test_a_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
-    caplog.set_level(logging.INFO, logger="heal")
-    first = heal_recipe(tmp_path / "a.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", max_steps=2, save_strategy="steps",
-                        save_steps=2, merge=False)
-    assert main([str(first)]) == 0
-    longer = heal_recipe(tmp_path / "b.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", max_steps=3, save_strategy="no", merge=False)
-    assert main([str(longer)]) == 0
-    assert "resuming from" in caplog.text and "checkpoint-2" in caplog.text
-    state = json.loads((tmp_path / "o" / "trainer_state.json").read_text())
-    assert state["global_step"] == 3 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]
 
 
 def test_explicit_targets_heal_a_stack_without_manifest(tmp_path, tiny_e6b, chat):
@@ -178,3 +171,88 @@ def test_tensorboard_is_the_default_logger(tmp_path, tiny_e6b, e4b_fisher, chat)
     recipe.write_text(text)
     _, sft = load_config(recipe)
     assert sft.report_to == ["tensorboard"]
+
+
+# ---- checkpoints, resume and the audit file ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tiny_e6b, e4b_fisher, chat, tmp_path_factory):
+    """A protected heal saving checkpoint-2 and checkpoint-4."""
+    folder = tmp_path_factory.mktemp("checkpointed")
+    recipe = heal_recipe(folder / "r.yaml", tiny_e6b, e4b_fisher, chat, folder / "out", max_steps=4,
+                         save_strategy="steps", save_steps=2, merge=False)
+    assert main([str(recipe)]) == 0
+    return folder / "out"
+
+
+def protected_entries(checkpoint) -> list[torch.Tensor]:
+    """A[:, protected inputs] and B[protected outputs, :] of every protected module in the checkpoint's
+    adapter, with the coordinates from the plan recorded in that checkpoint."""
+    adapter = load_file(checkpoint / "adapter_model.safetensors")
+    entries = []
+    for module, protection in load_protection(checkpoint / PROTECTION_FILE).items():
+        entries.append(adapter[f"base_model.model.{module}.lora_A.weight"][:, protection.inputs])
+        entries.append(adapter[f"base_model.model.{module}.lora_B.weight"][protection.outputs, :])
+    return entries
+
+
+def test_every_checkpoint_holds_the_protected_entries_at_zero(checkpointed):
+    """The initial bake zeroes them, the masks give them zero gradient, so AdamW (with weight decay) keeps them 0."""
+    for step in (2, 4):
+        entries = protected_entries(checkpointed / f"checkpoint-{step}")
+        assert entries and all(e.numel() for e in entries)
+        assert all(torch.count_nonzero(e) == 0 for e in entries), f"checkpoint-{step}"
+    adapter = load_file(checkpointed / "checkpoint-2" / "adapter_model.safetensors")
+    assert all(torch.count_nonzero(t) for name, t in adapter.items() if "lora_B" in name)  # and it trained
+
+
+def test_without_the_initial_bake_a_checkpoint_holds_non_zero_protected_entries(tiny_e6b, e4b_fisher, chat, tmp_path,
+                                                                                 monkeypatch):
+    """Negative control: PEFT initialises A at random; without bake() its protected columns keep that value."""
+    monkeypatch.setattr("heal.train.bake", lambda model, plan: None)
+    recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", max_steps=2,
+                         save_strategy="steps", save_steps=2, merge=False)
+    assert main([str(recipe)]) == 0
+    assert any(torch.count_nonzero(e) for e in protected_entries(tmp_path / "o" / "checkpoint-2"))
+
+
+def test_resume_refuses_a_checkpoint_of_another_protection_plan(checkpointed, tiny_e6b, e4b_fisher, chat, tmp_path,
+                                                                  caplog):
+    out = Path(shutil.copytree(checkpointed, tmp_path / "o"))
+    other_share = heal_recipe(tmp_path / "a.yaml", tiny_e6b, e4b_fisher, chat, out, max_steps=6, merge=False,
+                              mass_share=0.3)
+    assert main([str(other_share)]) == 2
+    assert f"cannot resume from {out / 'checkpoint-4'}: the protected" in caplog.text
+    assert "coordinates of" in caplog.text
+    unprotected = heal_recipe(tmp_path / "b.yaml", tiny_e6b, None, chat, out, max_steps=6, merge=False, protect=False)
+    assert main([str(unprotected)]) == 2
+    assert "it was written with Fisher protection, and this run has protect: false" in caplog.text
+    assert f"delete {out}/checkpoint-*" in caplog.text
+    assert (out / PROTECTION_FILE).is_file()  # refused before anything was touched
+
+
+def test_an_unprotected_heal_removes_a_stale_audit_file_and_its_checkpoints_refuse_protection(
+        checkpointed, tiny_e6b, e4b_fisher, chat, tmp_path, caplog):
+    out = tmp_path / "o"
+    out.mkdir()
+    shutil.copyfile(checkpointed / PROTECTION_FILE, out / PROTECTION_FILE)  # an earlier protected heal's audit file
+    recipe = heal_recipe(tmp_path / "a.yaml", tiny_e6b, None, chat, out, protect=False, max_steps=2,
+                         save_strategy="steps", save_steps=2, merge=False)
+    assert main([str(recipe)]) == 0
+    assert not (out / PROTECTION_FILE).exists() and f"removing {out / PROTECTION_FILE}" in caplog.text
+    assert not (out / "checkpoint-2" / PROTECTION_FILE).exists()
+    protected = heal_recipe(tmp_path / "b.yaml", tiny_e6b, e4b_fisher, chat, out, max_steps=4, merge=False)
+    assert main([str(protected)]) == 2
+    assert f"cannot resume from {out / 'checkpoint-2'}: it was written without Fisher protection" in caplog.text
+
+
+def test_a_rerun_resumes_from_the_last_checkpoint(checkpointed, tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
+    caplog.set_level(logging.INFO, logger="heal")
+    out = shutil.copytree(checkpointed, tmp_path / "o")  # 4 steps, checkpoint-2 and checkpoint-4, the same plan
+    longer = heal_recipe(tmp_path / "b.yaml", tiny_e6b, e4b_fisher, chat, out, max_steps=5, save_strategy="no",
+                         merge=False)
+    assert main([str(longer)]) == 0
+    assert "resuming from" in caplog.text and "checkpoint-4" in caplog.text
+    state = json.loads((tmp_path / "o" / "trainer_state.json").read_text())
+    assert state["global_step"] == 5 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5]

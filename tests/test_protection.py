@@ -11,12 +11,15 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from heal.protection import (
+    ModuleProtection,
     ProtectionConfig,
     ProtectionError,
     attach,
     bake,
     check_fisher_matches,
+    check_fisher_provenance,
     load_protection,
+    plan_difference,
     plan_protection,
     protected_coordinates,
     save_protection,
@@ -165,3 +168,30 @@ def test_protecting_an_untargeted_module_is_an_error(tiny_e6b, plan):
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS[:1]))
     with pytest.raises(ProtectionError, match="have no LoRA layer"):
         attach(peft_model, plan)
+
+
+# ---- provenance and plans ------------------------------------------------------------------------------------------
+
+
+def test_a_fisher_of_another_source_is_refused_unless_allowed(manifest, caplog):
+    fisher_metadata = {"model": "google/gemma-4-E4B", "model_shard_sha256": dict(manifest["source"]["shard_sha256"])}
+    check_fisher_provenance("f.safetensors", fisher_metadata, "s/stack.json", manifest)  # the same shards: accepted
+    (shard,) = fisher_metadata["model_shard_sha256"]
+    fisher_metadata["model_shard_sha256"][shard] = "0" * 64
+    expected = (rf"f\.safetensors was computed on 'google/gemma-4-E4B', but s/stack\.json .*\(shard {shard}: "
+                rf"the Fisher's sha256 0000000000000000.*fisher_allow_other_source: true")
+    with pytest.raises(ProtectionError, match=expected):
+        check_fisher_provenance("f.safetensors", fisher_metadata, "s/stack.json", manifest)
+    check_fisher_provenance("f.safetensors", fisher_metadata, "s/stack.json", manifest, allow_other_source=True)
+    assert "protecting with it anyway (fisher_allow_other_source: true)" in caplog.text
+    with pytest.raises(ProtectionError, match="the Fisher's sha256 absent"):
+        check_fisher_provenance("f.safetensors", {"model": "x"}, "s/stack.json", manifest)
+
+
+def test_plan_difference_names_the_first_differing_module(plan):
+    assert plan_difference(plan, plan) is None
+    first = sorted(plan)[0]
+    moved = dict(plan, **{first: ModuleProtection(plan[first].inputs + 1, plan[first].outputs, 0.5, 0.5)})
+    assert plan_difference(plan, moved) == f"the protected input coordinates of {first!r} differ"
+    fewer = {name: p for name, p in plan.items() if name != first}
+    assert f"e.g. {first!r} is in only one" in plan_difference(plan, fewer)

@@ -42,3 +42,13 @@ def test_one_flipped_byte_is_found_and_named(tiny_e4b, tiny_e6b, tmp_path, name,
     with pytest.raises(VerifyError) as error:
         verify_tensors(corrupted, open_source(str(tiny_e4b)))
     assert message in str(error.value)
+
+
+def test_exit_status_one_for_a_differing_tensor_two_for_bad_input(tiny_e4b, tiny_e6b, tmp_path, caplog):
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(tiny_e6b, corrupted)
+    flip_byte(corrupted, "model.language_model.layers.7.layer_scalar")
+    assert main([str(corrupted), "--source", str(tiny_e4b)]) == 1  # the check ran, and the stack differs
+    assert main([str(tmp_path / "no-such-stack"), "--source", str(tiny_e4b)]) == 2  # a user error, as in every CLI
+    assert f"{tmp_path / 'no-such-stack' / 'stack.json'} not found" in caplog.text
+    assert main([str(tiny_e6b), "--source", str(tmp_path / "no-such-model")]) == 2

@@ -1,5 +1,7 @@
-"""heal/evaluate.py: the metrics on hand-made sequences, each model-based measurement against an
-independent computation with the same tiny random Llama, the report end to end, and the CLI's errors."""
+"""evaluation/: the metrics on hand-made sequences, each model-based measurement against an independent
+computation with the same tiny random Llama (the chunked KL and NLL also against float64 on a 262,144-token
+vocabulary), the generation's two continuation kinds against plain `generate`, the report end to end, and the
+CLI's errors."""
 
 from __future__ import annotations
 
@@ -14,28 +16,31 @@ import pytest
 import torch
 import yaml
 from torch.testing import assert_close
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from heal.distill import token_kl
-from heal.evaluate import (
-    EvalConfig,
-    EvalError,
-    distinct_n,
+from evaluation import ifeval
+from evaluation.__main__ import main
+from evaluation.config import EvalConfig, EvalError, resolve_device, resolve_dtype
+from evaluation.generation import greedy_continuations, stop_token_ids
+from evaluation.inputs import load_instruct
+from evaluation.likelihood import (
+    Backbone,
+    ResponseExample,
+    chunked_token_kl,
     encode_response_examples,
-    ends_in_loop,
-    evaluate_models,
-    greedy_continuations,
-    lm_eval_scores,
-    load_instruct,
-    main,
-    mean_kl_to_reference,
-    perplexity,
-    response_kl_sum,
+    encode_texts,
+    kl_rows,
+    nll_rows,
+    ratio,
+    reference_states,
     response_mask,
-    seq_rep_n,
-    stop_token_ids,
-    write_report,
 )
+from evaluation.lm_eval_tasks import lm_eval_items
+from evaluation.metrics import distinct_n, ends_in_loop, seq_rep_n
+from evaluation.report import plot_metrics, write_report
+from evaluation.run import distinct_2_interval, evaluate_models
+from fisher.head import LogitHead
+from heal.distill import token_kl
 from stack.tiny import CHAT_TEMPLATE, save_tiny_decoder, save_tiny_tokenizer
 
 from .fisher_support import rows_for, words, write_jsonl
@@ -127,20 +132,30 @@ def test_distinct_n():
 # KL to the reference
 
 
+def mean_kl(model, reference, tokenizer, rows, batch_size: int = 8, chunk_size: int = 256) -> float:
+    """Token-weighted KL(reference ‖ model) over the rows' final assistant messages, the way evaluation.run does."""
+    examples = encode_response_examples(tokenizer, rows)
+    states = reference_states(reference, examples, tokenizer.pad_token_id, batch_size)
+    return ratio(kl_rows(model, states, examples, tokenizer.pad_token_id, batch_size, chunk_size))
+
+
 def test_kl_of_a_model_to_itself_is_exactly_zero(model_a, tokenizer, chat_rows):
-    kl = mean_kl_to_reference(model_a, model_a, tokenizer, chat_rows, batch_size=2)
+    kl = mean_kl(Backbone(model_a), Backbone(model_a), tokenizer, chat_rows, batch_size=2)
     assert_close(torch.tensor(kl), torch.tensor(0.0), atol=0, rtol=0)
+
+
+def identity_head(vocab: int) -> LogitHead:
+    """An LM head that passes its "hidden states" through as the logits: hidden size = vocab."""
+    return LogitHead(torch.eye(vocab), None, None)
 
 
 def test_response_kl_by_hand():
     # Vocabulary of 2. Reference p = (1/2, 1/2), model q = (1/4, 3/4):
-    # KL(p ‖ q) = ½ ln(½ / ¼) + ½ ln(½ / ¾) = ½ ln 2 + ½ ln(2/3) = ½ ln(4/3).
-    reference = torch.log(torch.tensor([[[0.5, 0.5], [0.5, 0.5]]]))  # [batch 1, 2 positions, vocab 2]
-    model = torch.log(torch.tensor([[[0.25, 0.75], [0.9, 0.1]]]))
-    mask = torch.tensor([[True, False]])  # the second position is outside the response
-    total, count = response_kl_sum(reference, model, mask)
-    assert count == 1
-    assert total == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+    # KL(p ‖ q) = ½ ln(½ / ¼) + ½ ln(½ / ¾) = ½ ln 2 + ½ ln(2/3) = ½ ln(4/3); (1/2, 1/2) against itself: 0.
+    reference = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))  # [2 positions, vocab 2], through identity heads
+    model = torch.log(torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
+    kl = chunked_token_kl(model, reference, identity_head(2), identity_head(2), chunk_size=1)
+    assert kl.tolist() == pytest.approx([0.5 * math.log(4 / 3), 0.0], rel=1e-6)
 
 
 def test_response_mask_marks_the_positions_that_predict_the_response():
@@ -149,16 +164,17 @@ def test_response_mask_marks_the_positions_that_predict_the_response():
     assert mask.tolist() == [[False, False, False, True, True, False], [True, True, False, False, False, False]]
 
 
-class ScriptedLogits:
-    """A stand-in causal LM whose logits are a function of the input ids: [batch, seq] -> [batch, seq, vocab]."""
+class ScriptedHidden:
+    """A stand-in backbone whose final hidden states are a function of the input ids, [batch, seq] -> [batch, seq,
+    vocab], read as logits by an identity head."""
 
     device = torch.device("cpu")
 
-    def __init__(self, logits_for):
-        self.logits_for = logits_for
+    def __init__(self, logits_for, vocab: int):
+        self.logits_for, self.head = logits_for, identity_head(vocab)
 
-    def __call__(self, input_ids, attention_mask):
-        return type("Output", (), {"logits": self.logits_for(input_ids)})()
+    def hidden(self, input_ids, attention_mask):
+        return self.logits_for(input_ids)
 
 
 def test_kl_counts_only_the_final_assistant_messages_tokens(tokenizer, chat_rows):
@@ -166,7 +182,7 @@ def test_kl_counts_only_the_final_assistant_messages_tokens(tokenizer, chat_rows
     message, and is wildly different everywhere else (prompt, earlier assistant turns, padding): the KL must be
     0. Moving the difference onto one response position must make it count, with the hand-computed weight."""
     vocab = len(tokenizer)
-    # Independent of heal/evaluate.py: where the final assistant message starts and ends, straight from the template.
+    # Independent of evaluation/: where the final assistant message starts and ends, straight from the template.
     spans = []
     for messages in chat_rows:
         full, prompt = template_ids(tokenizer, messages), template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
@@ -183,9 +199,9 @@ def test_kl_counts_only_the_final_assistant_messages_tokens(tokenizer, chat_rows
             logits[row, length - 1 :] = garbage  # the last real token (predicts nothing) and the padding
         return logits
 
-    uniform = ScriptedLogits(lambda input_ids: torch.zeros(*input_ids.shape, vocab))
-    outside = ScriptedLogits(logits_outside_response)
-    assert mean_kl_to_reference(outside, uniform, tokenizer, chat_rows, batch_size=2) == 0.0
+    uniform = ScriptedHidden(lambda input_ids: torch.zeros(*input_ids.shape, vocab), vocab)
+    outside = ScriptedHidden(logits_outside_response, vocab)
+    assert mean_kl(outside, uniform, tokenizer, chat_rows, batch_size=2) == 0.0
 
     def logits_on_first_response_position(input_ids):
         logits = logits_outside_response(input_ids)
@@ -199,23 +215,27 @@ def test_kl_counts_only_the_final_assistant_messages_tokens(tokenizer, chat_rows
     kl_one = (log_uniform.exp() * (log_uniform - torch.log_softmax(garbage, -1))).sum()
     response_tokens = sum(len(full) - prompt_length for full, prompt_length in spans)
     expected = kl_one.item() * len(chat_rows) / response_tokens
-    kl = mean_kl_to_reference(ScriptedLogits(logits_on_first_response_position), uniform, tokenizer, chat_rows, batch_size=2)
+    kl = mean_kl(ScriptedHidden(logits_on_first_response_position, vocab), uniform, tokenizer, chat_rows, batch_size=2)
     assert kl == pytest.approx(expected, rel=1e-5)
 
 
 def test_kl_matches_unpadded_rows_one_at_a_time(model_a, model_b, tokenizer, chat_rows):
-    """Batched with right padding == each row alone, token-weighted over the final assistant message."""
-    total, count = 0.0, 0
+    """Batched with right padding, sorted by length, chunked == each row alone, per row and token-weighted."""
+    expected = []
     with torch.no_grad():
         for messages in chat_rows:
             prompt = template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
             full = torch.tensor([template_ids(tokenizer, messages)])
             positions = slice(len(prompt) - 1, full.shape[1] - 1)
             kl = token_kl(model_a(full).logits[0, positions], model_b(full).logits[0, positions])
-            total, count = total + kl.sum().item(), count + kl.numel()
-    kl = mean_kl_to_reference(model_b, model_a, tokenizer, chat_rows, batch_size=3)
-    assert kl > 0
-    assert_close(torch.tensor(kl), torch.tensor(total / count), rtol=1e-5, atol=1e-7)
+            expected.append((kl.sum().item(), kl.numel()))
+    examples = encode_response_examples(tokenizer, chat_rows)
+    states = reference_states(Backbone(model_a), examples, tokenizer.pad_token_id, batch_size=3)
+    rows = kl_rows(Backbone(model_b), states, examples, tokenizer.pad_token_id, batch_size=3, chunk_size=5)
+    assert [count for _, count in rows] == [count for _, count in expected]
+    assert_close(torch.tensor([total for total, _ in rows]), torch.tensor([total for total, _ in expected]),
+                 rtol=1e-5, atol=1e-7)
+    assert ratio(rows) > 0
 
 
 def test_a_row_whose_prompt_is_not_a_prefix_is_named(tokenizer, chat_rows):
@@ -236,6 +256,12 @@ def test_a_row_without_a_final_assistant_message_is_named(tmp_path, chat_rows):
 # Perplexity
 
 
+def perplexity(model, tokenizer, texts, max_length: int = 256, batch_size: int = 8, chunk_size: int = 256) -> float:
+    rows = nll_rows(Backbone(model), encode_texts(tokenizer, texts, max_length), tokenizer.pad_token_id, batch_size,
+                    chunk_size)
+    return math.exp(ratio(rows))
+
+
 def test_perplexity_of_one_row_is_exp_of_the_models_own_loss(model_a, tokenizer):
     text = "w1 w7 w300 w42 w42 w9 w100 w5"
     input_ids = torch.tensor([tokenizer(text)["input_ids"]])
@@ -253,7 +279,7 @@ def test_perplexity_weights_rows_by_tokens_and_ignores_padding_and_truncated_tok
             ids = torch.tensor([tokenizer(text)["input_ids"][:max_length]])
             nll += model_a(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
             count += ids.shape[1] - 1
-    batched = perplexity(model_a, tokenizer, texts, max_length=max_length, batch_size=3)
+    batched = perplexity(model_a, tokenizer, texts, max_length=max_length, batch_size=3, chunk_size=4)
     assert_close(torch.tensor(batched), torch.tensor(math.exp(nll / count)), rtol=1e-5, atol=0)
 
 
@@ -261,13 +287,15 @@ def test_perplexity_weights_rows_by_tokens_and_ignores_padding_and_truncated_tok
 # Greedy continuations
 
 
-def generate_alone(model, tokenizer, messages, max_new_tokens):
-    """One prompt, no padding, straight model.generate; cut at the first stop token."""
+def generate_alone(model, tokenizer, messages, max_new_tokens, min_new_tokens: int = 0):
+    """One prompt, no padding, straight model.generate (min_new_tokens: HF's own stop-token suppression); cut at the
+    first stop token. Returns (tokens, stopped)."""
     ids = template_ids(tokenizer, messages, add_generation_prompt=True)
     stops = [tokenizer.eos_token_id, tokenizer.get_vocab()["<end_of_turn>"]]
     with torch.no_grad():
-        output = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                pad_token_id=tokenizer.pad_token_id)[0, len(ids) :].tolist()
+        output = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    output = output[0, len(ids):].tolist()
     end = next((i for i, token in enumerate(output) if token in stops), None)
     return output[:end], end is not None
 
@@ -278,20 +306,52 @@ def test_stop_tokens_are_eos_and_end_of_turn(tokenizer):
 
 
 def test_greedy_batches_match_one_prompt_at_a_time(model_a, tokenizer):
+    """Both kinds of continuation, from one run in length-sorted left-padded batches, equal plain `generate` on each
+    prompt alone: natural-stop at the cap, and fixed-length with HF's min_new_tokens suppression."""
     prompts = user_prompts(5)  # 1 to 9 words: left padding differs from row to row
-    max_new_tokens = 10
-    continuations = greedy_continuations(model_a, tokenizer, prompts, max_new_tokens, batch_size=3)
-    expected = [generate_alone(model_a, tokenizer, p, max_new_tokens) for p in prompts]
-    assert [(c.tokens, c.stopped) for c in continuations] == expected
+    cap, fixed = 10, 7
+    generated = greedy_continuations(model_a, tokenizer, prompts, cap, fixed, batch_size=3)
+    expected = [generate_alone(model_a, tokenizer, p, cap) for p in prompts]
+    assert [(c.tokens, c.stopped) for c in generated.natural] == expected
 
-    # Make a token that prompt 0 generates (its 4th) the EOS: that row stops there, its batch-mates go on.
+    # Make a token that prompt 0 generates (its 4th) the EOS: that row stops there, its batch-mates go on. Its
+    # fixed-length continuation goes on past it with the next-best token, as generate with min_new_tokens does.
     stopping = copy.deepcopy(tokenizer)
-    stopping.eos_token = tokenizer.convert_ids_to_tokens(continuations[0].tokens[3])
-    stopped = greedy_continuations(model_a, stopping, prompts, max_new_tokens, batch_size=3)
-    expected = [generate_alone(model_a, stopping, p, max_new_tokens) for p in prompts]
-    assert [(c.tokens, c.stopped) for c in stopped] == expected
-    assert stopped[0].stopped and len(stopped[0].tokens) <= 3
-    assert any(not c.stopped and len(c.tokens) == max_new_tokens for c in stopped)
+    stopping.eos_token = tokenizer.convert_ids_to_tokens(generated.natural[0].tokens[3])
+    stopped = greedy_continuations(model_a, stopping, prompts, cap, fixed, batch_size=3)
+    expected = [generate_alone(model_a, stopping, p, cap) for p in prompts]
+    assert [(c.tokens, c.stopped) for c in stopped.natural] == expected
+    assert stopped.natural[0].stopped and len(stopped.natural[0].tokens) <= 3
+    assert any(not c.stopped and len(c.tokens) == cap for c in stopped.natural)
+    expected_fixed = [generate_alone(model_a, stopping, p, fixed, min_new_tokens=fixed)[0] for p in prompts]
+    assert [c.tokens for c in stopped.fixed] == expected_fixed
+    assert all(len(c.tokens) == fixed and not c.stopped for c in stopped.fixed)
+
+
+@pytest.fixture(scope="module")
+def eager_to_stop(model_a, tokenizer):
+    """model_a with a bias on its LM head that makes EOS, then <end_of_turn>, the greedy choice at every step."""
+    model = copy.deepcopy(model_a)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    head.weight.data.copy_(model.lm_head.weight.data)
+    head.bias.data.zero_()
+    vocab = tokenizer.get_vocab()
+    head.bias.data[vocab["<eos>"]], head.bias.data[vocab["<end_of_turn>"]] = 200.0, 100.0
+    model.lm_head = head
+    return model
+
+
+def test_fixed_length_suppresses_every_stop_token_until_n(eager_to_stop, tokenizer):
+    """A model that would stop at once still gives exactly N tokens, none of them a stop token; its natural-stop
+    continuation is empty and stopped. N longer than the natural cap works too."""
+    prompts = user_prompts(3)
+    stops = set(stop_token_ids(tokenizer))
+    for cap, fixed in ((8, 12), (16, 12)):
+        generated = greedy_continuations(eager_to_stop, tokenizer, prompts, cap, fixed, batch_size=2)
+        assert all(c.tokens == [] and c.stopped for c in generated.natural)
+        assert all(len(c.tokens) == fixed and not stops & set(c.tokens) for c in generated.fixed)
+    assert [c.tokens for c in generated.fixed] == [
+        generate_alone(eager_to_stop, tokenizer, p, fixed, min_new_tokens=fixed)[0] for p in prompts]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,25 +405,98 @@ def mc_task(model_a, tokenizer, tmp_path_factory):
 def test_lm_eval_accuracy_matches_the_argmax_by_hand(model_a, tokenizer, mc_task):
     folder, acc, acc_norm = mc_task
     assert acc == pytest.approx(4 / 6)
-    scores = lm_eval_scores(model_a, tokenizer, [TASK], folder, batch_size=4)
-    assert scores == {f"{TASK}/acc": pytest.approx(acc), f"{TASK}/acc_norm": pytest.approx(acc_norm)}
+    items = lm_eval_items(model_a, tokenizer, [TASK], folder, batch_size=4)
+    assert set(items) == {f"{TASK}/acc", f"{TASK}/acc_norm"} and len(items[f"{TASK}/acc"]) == 6  # one per document
+    assert items[f"{TASK}/acc"][:4] == [1.0] * 4 and items[f"{TASK}/acc"][4:] == [0.0] * 2  # in document order
+    assert sum(items[f"{TASK}/acc_norm"]) / 6 == pytest.approx(acc_norm)
 
 
 def test_an_unknown_task_is_named(model_a, tokenizer, mc_task):
     with pytest.raises(EvalError, match="no_such_task"):
-        lm_eval_scores(model_a, tokenizer, ["no_such_task"], mc_task[0])
+        lm_eval_items(model_a, tokenizer, ["no_such_task"], mc_task[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunked logits on a Gemma-sized vocabulary, the device and dtype
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_model():
+    """A one-layer Llama with Gemma's 262,144-token vocabulary and a hidden size of 16 (~17 MB in fp32)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=262_144, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # spread-out logits: the KL is far from 0
+    return model
+
+
+def test_chunked_kl_and_nll_equal_the_unchunked_float64_values(wide_vocab_model):
+    """Per row, over chunks that do not divide the number of positions, against full [batch, length, vocab]
+    logits in float64. The other model is the same one with its LM head perturbed."""
+    other = copy.deepcopy(wide_vocab_model)
+    other.lm_head.weight.data += 0.3 * torch.randn_like(other.lm_head.weight)
+    rows = [torch.randint(3, 262_144, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 5, 12)]
+    with torch.no_grad():
+        log_probs = {id(m): [torch.log_softmax(copy.deepcopy(m).double()(torch.tensor([r])).logits[0, :-1], -1)
+                             for r in rows] for m in (wide_vocab_model, other)}
+    expected_nll = [-lp.gather(1, torch.tensor(r[1:])[:, None]).sum().item()
+                    for lp, r in zip(log_probs[id(other)], rows)]
+    examples = [ResponseExample(r, 3) for r in rows]  # the response: tokens 3.. , predicted at positions 2..
+    expected_kl = [(p.exp() * (p - q)).sum(-1)[2:].sum().item()
+                   for p, q in zip(log_probs[id(wide_vocab_model)], log_probs[id(other)])]
+    for chunk_size in (7, 100):
+        nll = nll_rows(Backbone(other), rows, pad=0, batch_size=2, chunk_size=chunk_size)
+        assert [count for _, count in nll] == [len(r) - 1 for r in rows]
+        assert_close(torch.tensor([total for total, _ in nll], dtype=torch.float64),
+                     torch.tensor(expected_nll, dtype=torch.float64),
+                     rtol=1e-5, atol=0)
+        states = reference_states(Backbone(wide_vocab_model), examples, pad=0, batch_size=2)
+        kl = kl_rows(Backbone(other), states, examples, pad=0, batch_size=2, chunk_size=chunk_size)
+        assert [count for _, count in kl] == [len(r) - 3 for r in rows]
+        assert min(expected_kl) > 1
+        assert_close(torch.tensor([total for total, _ in kl], dtype=torch.float64),
+                     torch.tensor(expected_kl, dtype=torch.float64),
+                     rtol=1e-4, atol=0)
+
+
+def test_device_and_dtype_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(EvalError, match="--device cuda: no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_distinct_2_interval_estimate_is_the_pooled_distinct_2():
+    tokens = [[1, 2, 3], [1, 2, 4], [5, 5, 5, 5], [7]]
+    interval = distinct_2_interval(tokens, EvalConfig(bootstrap_resamples=200))
+    assert interval.estimate == pytest.approx(distinct_n(tokens, 2))
+    assert interval.low <= interval.estimate <= interval.high
 
 
 # ---------------------------------------------------------------------------------------------------
 # Several models, the report, the CLI
 
 
+INSTRUCTIONS = [
+    {"key": "0", "prompt": "w1 w2 w3", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+    {"key": "1", "prompt": "w4 w5", "instruction_id_list": ["punctuation:no_comma", "startend:quotation"],
+     "kwargs": [{}, {}]},
+]
+
+
 def test_evaluate_models_end_to_end(tiny_a, tiny_b, chat_rows, mc_task, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": words(random.Random(i), 4)} for i in range(3)])
     instruct = write_jsonl(tmp_path / "instruct.jsonl", [{"messages": m} for m in chat_rows])
     text = write_jsonl(tmp_path / "text.jsonl", rows_for("text", 3))
-    config = EvalConfig(prompts=prompts, instruct=instruct, text=text, tasks=(TASK,), tasks_dir=mc_task[0],
-                        max_new_tokens=8, batch_size=2)
+    instructions = write_jsonl(tmp_path / "ifeval.jsonl", INSTRUCTIONS)
+    config = EvalConfig(prompts=prompts, instruct=instruct, text=text, instructions=instructions, tasks=(TASK,),
+                        tasks_dir=mc_task[0], max_new_tokens=8, fixed_new_tokens=12, batch_size=2,
+                        bootstrap_resamples=200)
     results = evaluate_models({"source": tiny_a, "copy": tiny_a, "other": tiny_b}, "source", config)
 
     models = results["models"]
@@ -371,21 +504,53 @@ def test_evaluate_models_end_to_end(tiny_a, tiny_b, chat_rows, mc_task, tmp_path
     source, same, other = (models[name]["metrics"] for name in models)
     assert source["kl_to_reference"] == 0.0 and source["length_ratio"] == 1.0
     assert same == source  # the same weights under another name: every number equal, the KL computed as 0
+    assert models["copy"]["intervals"]["kl_to_reference"] == [0.0, 0.0]
     assert other["kl_to_reference"] > 0
     assert other["length_ratio"] == pytest.approx(other["mean_length"] / source["mean_length"])
-    expected = {"seq_rep_4", "loop_rate", "distinct_2", "mean_length", "length_ratio", "kl_to_reference", "perplexity",
-                f"{TASK}/acc", f"{TASK}/acc_norm"}
-    assert set(other) == expected
+    expected = {"seq_rep_4", "loop_rate", "distinct_2", "mean_length", "length_ratio", "stopped_share",
+                "fixed_seq_rep_4", "fixed_loop_rate", "kl_to_reference", "perplexity", "if_prompt_strict",
+                "if_prompt_loose", "if_instruction_strict", "if_instruction_loose", f"{TASK}/acc", f"{TASK}/acc_norm"}
+    assert set(other) == expected and set(models["other"]["intervals"]) == expected
+    assert all(low <= other[name] <= high for name, (low, high) in models["other"]["intervals"].items()
+               if name != "distinct_2")  # pooled: resamples repeat continuations, so they sit below it
     assert source[f"{TASK}/acc"] == pytest.approx(mc_task[1])
-    assert all(len(m["continuations"]) == 3 for m in models.values())
+    assert all(len(m["continuations"]) == 3 and len(m["fixed_continuations"]) == 3 for m in models.values())
+
+    # Per-item values: what the bootstrap resamples, and what every estimate is computed from.
+    items = models["other"]["items"]
+    assert len(items["fixed_seq_rep_4"]) == 3 and len(items[f"{TASK}/acc"]) == 6
+    assert other["perplexity"] == pytest.approx(math.exp(sum(n for n, _ in items["perplexity"]) /
+                                                         sum(c for _, c in items["perplexity"])))
+    # The instruction scores are those of the responses as written to eval.json.
+    scores = ifeval.score_responses(ifeval.load_instruction_prompts(instructions), models["other"]["if_responses"])
+    assert items["if_prompt_strict"] == [float(x) for x in scores.prompt_strict]
+    assert items["if_instruction_loose"] == [list(pair) for pair in scores.instruction_loose]
+
+    # Paired differences: every model against the reference and the two non-reference models against each other.
+    pairs = {(row["a"], row["b"]) for row in results["differences"]}
+    assert pairs == {("copy", "source"), ("other", "source"), ("copy", "other")}
+    same_rows = [row for row in results["differences"] if (row["a"], row["b"]) == ("copy", "source")]
+    assert {row["metric"] for row in same_rows} == {"fixed_seq_rep_4", "fixed_loop_rate", "kl_to_reference",
+                                                    "perplexity", "if_prompt_strict", "if_instruction_loose",
+                                                    f"{TASK}/acc", f"{TASK}/acc_norm"}
+    assert all(row["estimate"] == row["low"] == row["high"] == 0.0 for row in same_rows)  # a model against itself
 
     out = write_report(results, tmp_path / "report")
     assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(results))
     report = (out / "eval.md").read_text()
     assert all(f"| {name} |" in report for name in models) and all(f" {metric} |" in report for metric in expected)
-    assert models["other"]["continuations"][0] in report
+    assert "| copy − source | no difference measured" in report
+    assert models["other"]["continuations"][0] in report and models["other"]["fixed_continuations"][0] in report
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".report.partial-*"))
+
+
+def test_plot_accepts_an_estimate_outside_its_interval(tmp_path):
+    """Pooled distinct_2 lies above its percentile interval when most resamples repeat continuations (seen on
+    the demo): the plot draws no whisker on that side instead of failing."""
+    results = {"models": {"m": {"metrics": {"distinct_2": 0.95}, "intervals": {"distinct_2": [0.47, 0.9]}}}}
+    plot_metrics(results, tmp_path / "eval.png")
+    assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_unknown_reference_exits_2_and_names_it(tiny_a, tmp_path, caplog):
