@@ -78,8 +78,10 @@ PRESETS = {
         arms=tuple(ARMS),
         heal={"max_steps": 40, "per_device_train_batch_size": 4, "num_examples": 160, "max_length": 128, "learning_rate": 1.0e-3},
         fisher={"num_examples": 32, "max_length": 128},
-        eval_args=("--num-prompts", "24", "--max-new-tokens", "48", "--num-rows", "32", "--max-length", "128",
-                   "--tasks", "chat_reply_choice,verse_next_line", "--task-limit", "40"),
+        # Natural stops capped at 128 tokens (the source's answers mostly end before it), 96-token
+        # length-controlled continuations, 64 KL rows and passages: what fits beside the heals in ~30 min.
+        eval_args=("--num-prompts", "24", "--max-new-tokens", "128", "--fixed-new-tokens", "96", "--num-rows", "64",
+                   "--max-length", "128", "--tasks", "chat_reply_choice,verse_next_line", "--task-limit", "40"),
     ),
     # The test suite's variant (tests/test_demo.py): one plain heal arm, degeneration metrics only.
     "reduced": Preset(
@@ -234,7 +236,9 @@ def write_results(workdir: Path, preset: Preset, preset_name: str, seconds: dict
         (workdir / "eval" / "eval.md").read_text(),
     ]
     summary = {"preset": preset_name, "stage_seconds": seconds, "heal_budget": preset.heal,
-               "metrics": {name: model["metrics"] for name, model in evaluation["models"].items()}}
+               "metrics": {name: model["metrics"] for name, model in evaluation["models"].items()},
+               "intervals": {name: model["intervals"] for name, model in evaluation["models"].items()},
+               "differences": evaluation["differences"]}
     with staged_output(workdir / "results", stage="demo-results") as tmp:
         (tmp / "results.md").write_text("\n".join(lines))
         (tmp / "results.json").write_text(json.dumps(summary, indent=2))
