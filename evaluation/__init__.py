@@ -11,7 +11,8 @@ or an end-of-turn token, which is not kept):
   loop_rate ↓        share of continuations that end in a loop: they ran to the cap without a stop token, and for
                      some period p in 1..16 their last L = max(3·p, 12) tokens are periodic, tail[j] == tail[j − p]
                      for p ≤ j < L (`metrics.ends_in_loop`).
-  distinct_2 ↑       unique bigrams / bigrams, pooled over all of the model's continuations (Li et al. 2016).
+  distinct_2 ↑       unique bigrams / bigrams, pooled over all of the model's continuations (Li et al. 2016); no
+                     interval: resampling repeats continuations, which biases every resample of a pooled count low.
   mean_length        mean continuation length in tokens.
   length_ratio       Σ lengths / the reference's Σ lengths over the same prompts (1 for the reference).
   stopped_share      share of continuations that stopped by themselves: near 1 for the reference means the cap

@@ -58,6 +58,8 @@ def metric_names(results: dict) -> list[str]:
 def _cell(result: dict, name: str) -> str:
     if result["metrics"].get(name) is None:
         return "—"
+    if name not in result["intervals"]:  # a pooled metric (distinct_2): an estimate without an interval
+        return f"{result['metrics'][name]:.3g} (pooled, no interval)"
     return Interval(result["metrics"][name], *result["intervals"][name]).format()
 
 
@@ -132,8 +134,7 @@ def plot_metrics(results: dict, path: Path) -> None:
             value = results["models"][model]["metrics"].get(name)
             bounds = results["models"][model]["intervals"].get(name, [value, value])
             values.append(math.nan if value is None else value)
-            # A percentile interval need not contain its estimate (pooled distinct_2 sits above its resamples,
-            # which repeat continuations): a whisker then has no length on that side.
+            # A percentile interval need not contain its estimate: a whisker then has no length on that side.
             low.append(0.0 if value is None else max(0.0, value - bounds[0]))
             high.append(0.0 if value is None else max(0.0, bounds[1] - value))
         axis.bar(range(len(models)), values, yerr=[low, high], capsize=3, color=[f"C{i}" for i in range(len(models))])

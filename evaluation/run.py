@@ -28,7 +28,7 @@ from evaluation.likelihood import (
     reference_states,
 )
 from evaluation.lm_eval_tasks import lm_eval_items
-from evaluation.metrics import ends_in_loop, ngrams, seq_rep_n
+from evaluation.metrics import distinct_n, ends_in_loop, seq_rep_n
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +126,11 @@ def _evaluate_one(model, tokenizer, is_reference: bool, reference_kl: ReferenceS
                   config: EvalConfig) -> tuple[dict, ReferenceStates | None]:
     """One model's per-item values (and texts); with the reference, also what the others' KL needs of it."""
     items: dict[str, list] = {}
-    result: dict[str, Any] = {"items": items, "intervals": {}}
+    result: dict[str, Any] = {"items": items, "pooled": {}}
     if inputs["prompts"]:
         generated = greedy_continuations(model, tokenizer, inputs["prompts"], config.max_new_tokens,
                                          config.fixed_new_tokens, config.generation_batch_size)
-        _degeneration_items(generated, config, items, result["intervals"])
+        _degeneration_items(generated, config, items, result["pooled"])
         result["continuations"] = [tokenizer.decode(c.tokens) for c in generated.natural]
         result["fixed_continuations"] = [tokenizer.decode(c.tokens) for c in generated.fixed]
     if inputs["instructions"]:
@@ -164,7 +164,7 @@ def _evaluate_one(model, tokenizer, is_reference: bool, reference_kl: ReferenceS
     return result, states
 
 
-def _degeneration_items(generated, config: EvalConfig, items: dict, intervals: dict) -> None:
+def _degeneration_items(generated, config: EvalConfig, items: dict, pooled: dict) -> None:
     loop = [ends_in_loop(c.tokens, c.stopped, config.max_period, config.min_repeats, config.min_tail)
             for c in generated.natural]
     items.update(seq_rep_4=[seq_rep_n(c.tokens, 4) for c in generated.natural], loop_rate=[float(x) for x in loop],
@@ -174,22 +174,10 @@ def _degeneration_items(generated, config: EvalConfig, items: dict, intervals: d
         items.update(fixed_seq_rep_4=[seq_rep_n(c.tokens, 4) for c in generated.fixed],
                      fixed_loop_rate=[float(ends_in_loop(c.tokens, False, config.max_period, config.min_repeats,
                                                          config.min_tail)) for c in generated.fixed])
-    intervals["distinct_2"] = distinct_2_interval([c.tokens for c in generated.natural], config)
-
-
-def distinct_2_interval(tokens: list[list[int]], config: EvalConfig) -> stats.Interval:
-    """distinct_2 is pooled over continuations, not a mean of per-item values: bootstrapped as a statistic of
-    the resampled continuations. A repeated continuation adds bigrams but no new distinct ones, so a resample's
-    distinct count is the union over its unique continuations (fast), its total the sum with repeats."""
-    bigram_sets = [set(ngrams(t, 2)) for t in tokens]
-    counts = np.array([max(len(t) - 1, 0) for t in tokens])
-
-    def statistic(indices: np.ndarray) -> float:
-        total = counts[indices].sum()
-        return len(set().union(*(bigram_sets[i] for i in np.unique(indices)))) / total if total else 0.0
-
-    return stats.bootstrap_statistic(len(tokens), statistic, num_resamples=config.bootstrap_resamples,
-                                     seed=config.seed)
+    # Pooled over continuations, so it has no per-item values and gets no interval: a bootstrap resample
+    # repeats continuations, whose bigrams count again in the total but never as new distinct ones, so every
+    # resample is biased low and the percentile interval can miss the estimate altogether (the demo's did).
+    pooled["distinct_2"] = distinct_n([c.tokens for c in generated.natural], 2)
 
 
 def _interval(items: list, metric: str, config: EvalConfig) -> stats.Interval:
@@ -205,13 +193,13 @@ def _add_estimates(results: dict[str, dict], reference: str | None, config: Eval
     reference_lengths = results[reference]["items"].get("mean_length") if reference else None
     for result in results.values():
         intervals = {name: _interval(values, name, config) for name, values in result["items"].items()}
-        intervals.update(result["intervals"])  # distinct_2, computed where the tokens were
+
         if reference_lengths is not None and "mean_length" in result["items"]:
             # Σ lengths / the reference's Σ lengths over the same (resampled) prompts
             intervals["length_ratio"] = stats.bootstrap_ratio(
                 result["items"]["mean_length"], reference_lengths,
                 num_resamples=config.bootstrap_resamples, seed=config.seed)
-        result["metrics"] = {name: interval.estimate for name, interval in intervals.items()}
+        result["metrics"] = {**{name: interval.estimate for name, interval in intervals.items()}, **result.pop("pooled")}
         result["intervals"] = {name: [interval.low, interval.high] for name, interval in intervals.items()}
 
 
