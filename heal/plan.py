@@ -56,8 +56,9 @@ from torch import nn
 
 from heal.config import HealConfig, HealConfigError, load_config
 from heal.distill import TeacherError, resolve_teacher
-from heal.protection import (ModuleProtection, ProtectionConfig, ProtectionError, is_grafted_kv, plan_protection,
-                             slot_fisher)
+from fisher.file import FisherFileError, check_fisher_values, read_fisher_metadata
+from heal.protection import (ModuleProtection, ProtectionConfig, ProtectionError, check_fisher_provenance,
+                             is_grafted_kv, plan_protection, slot_fisher)
 from heal.targets import TargetError, explicit_targets, select_targets
 from stack.manifest import MANIFEST_NAME, load_manifest
 
@@ -73,7 +74,7 @@ DEFAULT_WORLD_SIZES = (1, 2, 8)
 # buffers and allocator slack are not modelled), so a verdict of "fits" keeps this margin.
 DEFAULT_MARGIN = 1.7
 STAGES = ("no ZeRO", "ZeRO-2", "ZeRO-3")
-USER_ERRORS = (HealConfigError, TargetError, ProtectionError, TeacherError, FileNotFoundError)
+USER_ERRORS = (HealConfigError, TargetError, ProtectionError, TeacherError, FileNotFoundError, FisherFileError)
 
 
 # ---- the model, from config.json only ----------------------------------------------------------------------
@@ -180,9 +181,14 @@ class ProtectionSummary:
 
 
 def plan_module_protection(heal: HealConfig, manifest: dict, targets: list[Target]) -> ProtectionSummary:
-    """heal/train.py's protection plan, reading only the source Fisher tensors the targets map to."""
+    """heal/train.py's protection plan, reading only the source Fisher tensors the targets map to. The file is
+    checked as the heal checks it (fisher/file.py, check_fisher_provenance), so a plan is never printed for a
+    Fisher the heal would refuse."""
     from safetensors import safe_open
 
+    metadata = read_fisher_metadata(heal.fisher)
+    check_fisher_provenance(heal.fisher, metadata, Path(heal.stack) / MANIFEST_NAME, manifest,
+                            heal.fisher_allow_other_source)
     needed = _source_fisher_names(manifest, targets)
     with safe_open(heal.fisher, "pt") as f:
         available = set(f.keys())
@@ -195,6 +201,7 @@ def plan_module_protection(heal: HealConfig, manifest: dict, targets: list[Targe
                 raise ProtectionError(f"Fisher tensor {source_name!r} in {heal.fisher} has shape {list(shape)} "
                                       f"but the stack's slots hold {list(expected)}; it comes from another model")
             fisher[source_name] = f.get_tensor(source_name)
+            check_fisher_values(source_name, fisher[source_name], heal.fisher)
     slot_values = slot_fisher(fisher, manifest, heal.first_copy_only)
     config = ProtectionConfig(heal.mass_share, heal.max_fraction, heal.first_copy_only)
     plan = plan_protection(slot_values, [t.name for t in targets], config)

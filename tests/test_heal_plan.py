@@ -7,11 +7,14 @@ activation formula against the bytes autograd really saves in a forward of the t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from bench.headers_only_e6b import build as build_headers_only_e6b
+from fisher.file import FisherFileError
 from heal.config import load_config
 from heal.plan import GB, STAGES, _activations, build_heal_plan, format_plan, main, target_layers
 from heal.protection import ProtectionConfig, ProtectionError, plan_protection, slot_fisher
@@ -125,7 +128,7 @@ def test_protection_is_heal_trains_from_the_targets_fisher_alone(tiny_e6b, e4b_f
     fisher = load_file(e4b_fisher)
     needed = {name: fisher[name] for name in map(lambda module: source_weight(manifest, module), reference)}
     assert 0 < len(needed) < len(fisher)
-    save_file(needed, tmp_path / "needed.safetensors")
+    save_file(needed, tmp_path / "needed.safetensors", metadata=fisher_metadata(e4b_fisher))
     only_needed = tiny_plan(tiny_e6b, tmp_path / "needed.safetensors", chat, tmp_path)
     assert all(torch.equal(only_needed.protection.plan[n].inputs, p.inputs) for n, p in reference.items())
     printed = format_plan(plan, (1,), 80)
@@ -137,9 +140,33 @@ def test_a_fisher_of_another_shape_is_refused_with_its_name(tiny_e6b, e4b_fisher
     fisher = load_file(e4b_fisher)
     name = "model.language_model.layers.10.mlp.up_proj.weight"  # the source layer of slot 18 (a seam slot)
     fisher[name] = fisher[name][:, :-1].contiguous()
-    save_file(fisher, tmp_path / "bad.safetensors")
+    save_file(fisher, tmp_path / "bad.safetensors", metadata=fisher_metadata(e4b_fisher))
     with pytest.raises(ProtectionError, match=rf"{name}.*shape"):
         tiny_plan(tiny_e6b, tmp_path / "bad.safetensors", chat, tmp_path)
+
+
+def test_the_plan_refuses_a_fisher_the_heal_would_refuse(tiny_e6b, e4b_fisher, chat, tmp_path):
+    """The same checks as heal/train.py (fisher/file.py and the provenance check), so --plan never prints a plan
+    for a Fisher the heal rejects. Control: the untouched file plans (test above)."""
+    fisher, metadata = load_file(e4b_fisher), fisher_metadata(e4b_fisher)
+    name = "model.language_model.layers.10.mlp.up_proj.weight"  # mapped to a seam slot
+    fisher[name] = fisher[name].clone()
+    fisher[name][0, 0] = -1.0
+    save_file(fisher, tmp_path / "negative.safetensors", metadata=metadata)
+    with pytest.raises(FisherFileError, match=rf"{name}.*negative"):
+        tiny_plan(tiny_e6b, tmp_path / "negative.safetensors", chat, tmp_path)
+    other = json.loads(metadata["fisher"])
+    other["model_shard_sha256"] = {shard: "0" * 64 for shard in other["model_shard_sha256"]}
+    save_file(load_file(e4b_fisher), tmp_path / "other.safetensors", metadata={**metadata, "fisher": json.dumps(other)})
+    with pytest.raises(ProtectionError, match="shard"):
+        tiny_plan(tiny_e6b, tmp_path / "other.safetensors", chat, tmp_path)
+
+
+def fisher_metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata()
 
 
 def saved_activation_bytes(stack, targets: list[str], batch: int, length: int) -> int:
