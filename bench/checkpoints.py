@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-
-from stack.plan import greedy_shards, saved_tensor_shapes
-from stack.source import encode_safetensors_header
-from stack.writer import shard_file_names
 from transformers import (
     Gemma4AudioConfig,
     Gemma4Config,
@@ -35,6 +31,10 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedConfig,
 )
+
+from stack.plan import greedy_shards, saved_tensor_shapes
+from stack.source import encode_safetensors_header
+from stack.writer import shard_file_names
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], names: lis
             random_bytes.write(f, bf16_bytes(shapes[name]), start=index * 2_000_006, progress=progress)
 
 
-def write_index(directory: Path, shapes: dict[str, tuple[int, ...]], shards: list[list[str]], files: list[str]) -> None:
+def write_index(directory: Path, shapes: dict[str, tuple[int, ...]], shards: list[list[str]],
+                files: list[str]) -> None:
     """model.safetensors.index.json, as transformers writes it for a sharded checkpoint."""
     weight_map = {name: file for names, file in zip(shards, files, strict=True) for name in names}
     index = {"metadata": {"total_size": sum(bf16_bytes(s) for s in shapes.values())}, "weight_map": weight_map}

@@ -45,7 +45,8 @@ def write_rows(path: Path, count: int, length: int) -> Path:
     rng = random.Random(0)
     with path.open("w") as out:
         for _ in range(count):
-            out.write(json.dumps({"text": " ".join(f"w{rng.randrange(GEMMA_VOCAB - 16)}" for _ in range(length - 1))}) + "\n")
+            text = " ".join(f"w{rng.randrange(GEMMA_VOCAB - 16)}" for _ in range(length - 1))
+            out.write(json.dumps({"text": text}) + "\n")
     return path
 
 
@@ -61,7 +62,8 @@ def heal_recipe(path: Path, stack: Path, data: Path, output_dir: Path, length: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.distill_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.distill_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scratch", type=Path, default=Path(".bench-scratch/distill"))
     parser.add_argument("--length", type=int, default=1024, help="tokens per row")
     parser.add_argument("--steps", type=int, default=4)

@@ -48,8 +48,8 @@ TODAY = {"num_prompts": 24, "max_new_tokens": 48, "num_rows": 32, "max_length": 
 
 def old_module():
     """heal/evaluate.py as committed at OLD_COMMIT, imported from a temp file (the working tree no longer has it)."""
-    source = subprocess.run(["git", "show", f"{OLD_COMMIT}:heal/evaluate.py"], cwd=REPO, check=True, capture_output=True,
-                            text=True).stdout
+    source = subprocess.run(["git", "show", f"{OLD_COMMIT}:heal/evaluate.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "old_evaluate.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_evaluate", path)

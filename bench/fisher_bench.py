@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fisher.__main__ import _prepare_for_fisher
 from fisher.config import config_from_dict
 from fisher.data import Example
 from fisher.estimator import Accumulator, decoder_linears
-from fisher.run import _pad, run_fisher
+from fisher.run import _pad, prepare_for_fisher, run_fisher
 
 SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
@@ -49,14 +48,16 @@ def plain_step_seconds(model, examples, batch_size) -> float:
 def _plain_step(model, batch) -> None:
     input_ids, attention_mask, labels = _pad(batch, 0, torch.device("cpu"))
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum").backward()
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
+    loss.backward()
     model.zero_grad(set_to_none=True)
 
 
 def fisher_seconds(model, examples, batch_size, examples_per_chunk) -> float:
     config = config_from_dict({"model": "bench", "datasets": [{"path": "bench"}], "batch_size": batch_size,
                                "examples_per_chunk": examples_per_chunk})
-    _prepare_for_fisher(model, config)
+    prepare_for_fisher(model, config)
     accumulator = Accumulator(decoder_linears(model), examples_per_chunk=examples_per_chunk)
     run_fisher(model, accumulator, examples[:batch_size], config, pad_token_id=0)  # warm-up
     started = time.perf_counter()
@@ -65,12 +66,14 @@ def fisher_seconds(model, examples, batch_size, examples_per_chunk) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.fisher_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.fisher_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--length", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--examples-per-chunk", type=int, default=1, help="per-example gradients held at once per module")
+    parser.add_argument("--examples-per-chunk", type=int, default=1,
+                        help="per-example gradients held at once per module")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).to(getattr(torch, args.dtype))
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=2))
     print(f"\n| tokens | batch | examples per chunk | dtype | plain fwd+bwd tok/s | Fisher tok/s | Fisher / plain |\n"
-          f"|---:|---:|---:|---|---:|---:|---:|\n| {tokens} | {args.batch_size} | {args.examples_per_chunk} | {args.dtype} | "
+          f"|---:|---:|---:|---|---:|---:|---:|\n"
+          f"| {tokens} | {args.batch_size} | {args.examples_per_chunk} | {args.dtype} | "
           f"{tokens / plain:.0f} | {tokens / fisher:.0f} | {plain / fisher:.2f} |")
     return 0
 

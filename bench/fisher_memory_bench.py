@@ -32,25 +32,26 @@ import torch
 from bench.measure import run_child
 
 GEMMA_VOCAB = 262_144
-MODEL_SHAPE = dict(num_hidden_layers=12, num_kv_shared_layers=4, vocab_size=GEMMA_VOCAB, vocab_size_per_layer_input=GEMMA_VOCAB,
-                   final_logit_softcapping=30.0, max_position_embeddings=4096)
+MODEL_SHAPE = dict(num_hidden_layers=12, num_kv_shared_layers=4, vocab_size=GEMMA_VOCAB,
+                   vocab_size_per_layer_input=GEMMA_VOCAB, final_logit_softcapping=30.0, max_position_embeddings=4096)
 
 
 def build(length: int, batch_size: int):
     """The model (frozen, hooks as in `python -m fisher`) and `batch_size` random examples of `length` loss tokens."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
-    from fisher.__main__ import _prepare_for_fisher
     from fisher.config import config_from_dict
     from fisher.data import Example
+    from fisher.run import prepare_for_fisher
     from stack.tiny import TINY_AUDIO, TINY_E4B_TEXT, TINY_VISION
 
     torch.manual_seed(0)
-    config = Gemma4Config(text_config={**TINY_E4B_TEXT, **MODEL_SHAPE}, vision_config=TINY_VISION, audio_config=TINY_AUDIO)
+    config = Gemma4Config(text_config={**TINY_E4B_TEXT, **MODEL_SHAPE}, vision_config=TINY_VISION,
+                          audio_config=TINY_AUDIO)
     model = Gemma4ForConditionalGeneration(config)
     fisher_config = config_from_dict({"model": "bench", "datasets": [{"path": "bench"}], "batch_size": batch_size,
                                       "dtype": "float32", "max_length": length})
-    _prepare_for_fisher(model, fisher_config)
+    prepare_for_fisher(model, fisher_config)
     ids = torch.randint(0, GEMMA_VOCAB, (batch_size, length), generator=torch.Generator().manual_seed(0)).tolist()
     return model, [Example(i, row, row) for i, row in enumerate(ids)], fisher_config
 
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=2048, help="tokens per sequence")
     parser.add_argument("--batch-size", type=int, default=1, help="batch of the side-by-side comparison")
-    parser.add_argument("--chunked-batch-size", type=int, default=4, help="one more chunked run at this batch (0: none)")
+    parser.add_argument("--chunked-batch-size", type=int, default=4,
+                        help="one more chunked run at this batch (0: none)")
     parser.add_argument("--child", choices=["baseline", "full-logits", "chunked"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -103,13 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fisher-memory-bench-") as scratch:
         for variant, batch in runs:
             log = Path(scratch) / f"{variant}-b{batch}.log"
-            command = [sys.executable, "-m", "bench.fisher_memory_bench", "--child", variant, "--length", str(args.length),
-                       "--batch-size", str(batch)]
+            command = [sys.executable, "-m", "bench.fisher_memory_bench", "--child", variant,
+                       "--length", str(args.length), "--batch-size", str(batch)]
             result = run_child(command, log)
             line = next(line for line in log.read_text().splitlines() if line.startswith('{"fisher_batch_s"'))
             seconds = json.loads(line)["fisher_batch_s"]
-            rows.append({"variant": variant, "batch": batch, "peak_rss_gb": result.peak_rss_bytes / 1e9, "fisher_batch_s": seconds})
-    print(json.dumps({"length": args.length, "vocab": GEMMA_VOCAB, "threads": torch.get_num_threads(), "runs": rows}, indent=2))
+            rows.append({"variant": variant, "batch": batch, "peak_rss_gb": result.peak_rss_bytes / 1e9,
+                         "fisher_batch_s": seconds})
+    summary = {"length": args.length, "vocab": GEMMA_VOCAB, "threads": torch.get_num_threads(), "runs": rows}
+    print(json.dumps(summary, indent=2))
     print("\n| variant | batch | tokens | peak RSS (GB) | Fisher batch (s) |\n|---|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['variant']} | {row['batch']} | {row['batch'] * args.length} | {row['peak_rss_gb']:.2f} | "

@@ -24,12 +24,14 @@ from bench.fisher_bench import SMOLLM2_SHAPE
 from heal.protection import ProtectionConfig, attach, bake, plan_protection
 
 LAYERS = range(9, 21)
-KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def build(protect: bool, targets: list[str], plan):
     torch.manual_seed(0)
-    model = get_peft_model(LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)), LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=targets)
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)), lora)
     if protect:
         attach(model, plan)
         bake(model, plan)
@@ -49,7 +51,8 @@ def seconds_per_step(model, optimizer, batch, steps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.heal_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.heal_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--length", type=int, default=256)
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = [f"model.layers.{layer}.{kind}" for layer in LAYERS for kind in KINDS]
     reference = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
     generator = torch.Generator().manual_seed(0)
-    fisher = {f"{n}.weight": torch.rand(reference.get_submodule(n).weight.shape, generator=generator) ** 4 for n in targets}
+    fisher = {f"{n}.weight": torch.rand(reference.get_submodule(n).weight.shape, generator=generator) ** 4
+              for n in targets}
     plan = plan_protection(fisher, targets, ProtectionConfig(mass_share=0.75, max_fraction=0.25))
     batch = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (args.batch_size, args.length), generator=generator)
     times = {"plain LoRA": [], "protected LoRA": []}
@@ -68,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             times[label].append(seconds_per_step(model, optimizer, batch, args.steps))
     plain, protected = (statistics.median(times[k]) for k in ("plain LoRA", "protected LoRA"))
     print(json.dumps({"threads": torch.get_num_threads(), "modules": len(targets), "times_s": times}, indent=2))
-    print(f"\n| tokens/step | LoRA modules | plain LoRA s/step | protected LoRA s/step | overhead |\n|---:|---:|---:|---:|---:|\n"
-          f"| {args.batch_size * args.length} | {len(targets)} | {plain:.3f} | {protected:.3f} | {100 * (protected / plain - 1):+.1f}% |")
+    print("\n| tokens/step | LoRA modules | plain LoRA s/step | protected LoRA s/step | overhead |\n"
+          "|---:|---:|---:|---:|---:|\n"
+          f"| {args.batch_size * args.length} | {len(targets)} | {plain:.3f} | {protected:.3f} "
+          f"| {100 * (protected / plain - 1):+.1f}% |")
     return 0
 
 

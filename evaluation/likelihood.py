@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from evaluation.config import EvalError
 from evaluation.inputs import Messages, chat_ids, length_sorted_batches, pad_batch
@@ -136,7 +137,8 @@ class ReferenceStates:
 def reference_states(reference: Backbone, examples: Sequence[ResponseExample], pad: int,
                      batch_size: int = 8) -> ReferenceStates:
     hidden: list[torch.Tensor | None] = [None] * len(examples)
-    for batch in length_sorted_batches([e.input_ids for e in examples], batch_size):
+    batches = length_sorted_batches([e.input_ids for e in examples], batch_size)
+    for batch in tqdm(batches, desc="reference states", unit="batch", dynamic_ncols=True):
         states, row_of = _response_hidden(reference, [examples[i] for i in batch], pad)
         for position, index in enumerate(batch):
             hidden[index] = states[row_of.to(states.device) == position].cpu()
@@ -148,7 +150,8 @@ def kl_rows(backbone: Backbone, reference: ReferenceStates, examples: Sequence[R
             batch_size: int = 8, chunk_size: int = 256) -> list[Row]:
     """(Σ KL(reference ‖ model) over the row's response tokens, their number) per example, in input order."""
     rows: list[Row | None] = [None] * len(examples)
-    for batch in length_sorted_batches([e.input_ids for e in examples], batch_size):
+    batches = length_sorted_batches([e.input_ids for e in examples], batch_size)
+    for batch in tqdm(batches, desc="KL to the reference", unit="batch", dynamic_ncols=True):
         states, row_of = _response_hidden(backbone, [examples[i] for i in batch], pad)
         reference_hidden = torch.cat([reference.hidden[i] for i in batch]).to(states.device)  # the same row order
         kl = chunked_token_kl(states, reference_hidden, backbone.head, reference.head, chunk_size)
@@ -175,7 +178,7 @@ def nll_rows(backbone: Backbone, encoded: Sequence[Sequence[int]], pad: int, bat
              chunk_size: int = 256) -> list[Row]:
     """(Σ −log p(token | prefix) over tokens 1.., their number) per row, in input order."""
     rows: list[Row | None] = [None] * len(encoded)
-    for batch in length_sorted_batches(encoded, batch_size):
+    for batch in tqdm(length_sorted_batches(encoded, batch_size), desc="perplexity", unit="batch", dynamic_ncols=True):
         input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad, side="right")
         predicts = attention_mask[:, 1:].bool()  # [batch, width − 1]: position t predicts token t + 1
         hidden = backbone.hidden(input_ids, attention_mask)[:, :-1][predicts.to(backbone.device)]  # [N, hidden]

@@ -38,9 +38,8 @@ def lm_eval_items(model, tokenizer, tasks: Sequence[str], tasks_dir: Path | None
     """{"<task>/acc": [per document, in document order], "<task>/acc_norm": [...]} from lm-eval-harness; the
     task's score is the mean of its list.
 
-    Checked with transformers 5.24 + lm_eval 0.4.13: HFLM takes the model object as is (no workaround needed).
-    With a tasks_dir, only its tasks are indexed: lm-eval's ~14k built-in tasks take ~13 s to index and
-    would need the hub for their data anyway."""
+    HFLM takes the model object as is. With a tasks_dir, only its tasks are indexed: lm-eval's built-in
+    tasks are slow to index and would need the hub for their data anyway."""
     # Imported here: lm_eval is only needed with --tasks.
     import lm_eval
     from lm_eval.models.huggingface import HFLM

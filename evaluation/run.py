@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import logging
 import math
 from dataclasses import asdict
@@ -40,16 +41,41 @@ HEADLINE = ("fixed_seq_rep_4", "fixed_loop_rate", "kl_to_reference", "perplexity
             "if_instruction_loose")
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: Path) -> Path | None:
+    """The base model folder of a PEFT adapter folder (its adapter_config.json's base_model_name_or_path), or None
+    when `path` is a full model. A heal's checkpoint-N/ is such a folder: evaluating one needs no merged copy."""
+    config = Path(path) / ADAPTER_CONFIG
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise EvalError(f"adapter {path}: its base model {base!r} (base_model_name_or_path in {ADAPTER_CONFIG}) is "
+                        "not a model folder here; heal again, or evaluate the merged model instead")
+    return Path(base)
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    base = adapter_base(path)
+    has_own = any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return AutoTokenizer.from_pretrained(path if base is None or has_own else base)
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype):
+    """A model folder, or a PEFT adapter folder merged into its base (in memory, in `dtype`)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    base = adapter_base(path)
+    if base is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    return PeftModel.from_pretrained(model, path).merge_and_unload().to(device).eval()
 
 
 def check_models(models: dict[str, Path], reference: str | None) -> dict[str, Any]:
@@ -60,8 +86,9 @@ def check_models(models: dict[str, Path], reference: str | None) -> dict[str, An
     if reference is not None and reference not in models:
         raise EvalError(f"reference {reference!r} is not among the models ({', '.join(models)})")
     for name, path in models.items():
-        if not (Path(path) / "config.json").is_file():
-            raise EvalError(f"model {name!r}: {path} is not a model folder (no config.json)")
+        if not (Path(path) / "config.json").is_file() and adapter_base(Path(path)) is None:
+            raise EvalError(f"model {name!r}: {path} is neither a model folder (config.json) nor a PEFT adapter "
+                            f"folder ({ADAPTER_CONFIG})")
     tokenizers = {name: load_tokenizer(Path(path)) for name, path in models.items()}
     baseline = reference if reference is not None else next(iter(models))
     baseline_vocab = tokenizers[baseline].get_vocab()
@@ -199,7 +226,8 @@ def _add_estimates(results: dict[str, dict], reference: str | None, config: Eval
             intervals["length_ratio"] = stats.bootstrap_ratio(
                 result["items"]["mean_length"], reference_lengths,
                 num_resamples=config.bootstrap_resamples, seed=config.seed)
-        result["metrics"] = {**{name: interval.estimate for name, interval in intervals.items()}, **result.pop("pooled")}
+        estimates = {name: interval.estimate for name, interval in intervals.items()}
+        result["metrics"] = {**estimates, **result.pop("pooled")}
         result["intervals"] = {name: [interval.low, interval.high] for name, interval in intervals.items()}
 
 

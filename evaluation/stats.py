@@ -2,9 +2,10 @@
 
 Every metric is a statistic of items (prompts, rows): a mean of per-item values (`bootstrap_mean`), a ratio of
 sums such as token-weighted KL or NLL per token (`bootstrap_ratio`), or any function of a set of items
-(`bootstrap_statistic`; not for a pooled count such as distinct-2, which a resample's repeated items bias). Its interval comes from resampling the items with
-replacement `num_resamples` times and taking the (1 − confidence)/2 and (1 + confidence)/2 percentiles of the
-statistic over the resamples; the estimate is the statistic on the items as given.
+(`bootstrap_statistic`; not for a pooled count such as distinct-2, which a resample's repeated items bias).
+Its interval comes from resampling the items with replacement `num_resamples` times and taking the
+(1 − confidence)/2 and (1 + confidence)/2 percentiles of the statistic over the resamples; the estimate is the
+statistic on the items as given.
 
 A difference between two models scored on the same items (`paired_*`) resamples the items jointly: each resample
 takes the same items for both models, so what the items share (an easy prompt, a hard row) cancels and the

@@ -28,7 +28,7 @@ from .data import DataError, load_examples
 from .estimator import Accumulator, decoder_linears
 from .file import FISHER_FILE, FORMAT_VERSION, METADATA_KEY
 from .report import plot, summarize
-from .run import NonFiniteError, finalize, reduce_counts, run_fisher
+from .run import NonFiniteError, finalize, prepare_for_fisher, reduce_counts, run_fisher
 
 logger = logging.getLogger("fisher")
 
@@ -37,7 +37,8 @@ PLOT_FILE = "fisher.png"
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fisher", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m fisher", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="Fisher recipe YAML (fields of fisher.config.FisherConfig)")
     parser.add_argument("--model", help="model folder or hub id (overrides `model`)")
     parser.add_argument("--data", help="one dataset: a JSONL/parquet/arrow path or hub name (overrides `datasets`)")
@@ -73,12 +74,13 @@ def compute_and_write(config: FisherConfig, force: bool = False) -> None:
     with accelerator.main_process_first():  # before the model: bad data fails in seconds
         examples, stats = load_examples(config, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=getattr(torch, config.dtype))
-    _prepare_for_fisher(model, config)
+    prepare_for_fisher(model, config)
     model.to(accelerator.device)
     modules = decoder_linears(model)
     accumulator = Accumulator(modules, config.estimator, config.examples_per_chunk)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    counts = run_fisher(model, accumulator, examples, config, pad_id, accelerator.process_index, accelerator.num_processes)
+    counts = run_fisher(model, accumulator, examples, config, pad_id, accelerator.process_index,
+                        accelerator.num_processes)
     counts = reduce_counts(counts, accumulator, accelerator)
     fisher = checkpoint_names(model, finalize(accumulator, counts, config))
     if not is_main:
@@ -105,22 +107,11 @@ def compute_and_write(config: FisherConfig, force: bool = False) -> None:
         "seed": config.seed,
         "dtype": config.dtype,
         "world_size": accelerator.num_processes,
-        "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl", "accelerate", "e6b-heal")},
+        "versions": {name: importlib.metadata.version(name)
+                     for name in ("torch", "transformers", "trl", "accelerate", "e6b-heal")},
         "config": config_to_dict(config),
     }
     write_outputs(Path(config.out), fisher, metadata)
-
-
-def _prepare_for_fisher(model, config: FisherConfig) -> None:
-    """Freeze every weight (no weight gradients are built; hooks compute per-example ones) and let
-    gradients flow from the token embeddings, so every decoder Linear sees its output gradient."""
-    model.requires_grad_(False)
-    model.get_input_embeddings().register_forward_hook(lambda _m, _a, output: output.requires_grad_(True))
-    if config.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # transformers checkpoints only in training mode; these models have no active dropout
-    else:
-        model.eval()
 
 
 def checkpoint_names(model, fisher_by_module: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -142,11 +133,13 @@ def write_outputs(out_dir: Path, fisher: dict[str, torch.Tensor], metadata: dict
 
     summary = summarize(fisher)
     with staged_output(out_dir, stage="fisher") as tmp:
-        tensors = {name: values.detach().to("cpu", torch.float32).contiguous() for name, values in sorted(fisher.items())}
+        tensors = {name: values.detach().to("cpu", torch.float32).contiguous()
+                   for name, values in sorted(fisher.items())}
         save_file(tensors, tmp / FISHER_FILE, metadata={"format": "pt", METADATA_KEY: json.dumps(metadata)})
         (tmp / SUMMARY_FILE).write_text(json.dumps({"metadata": metadata, **summary}, indent=2) + "\n")
         plot(summary, tmp / PLOT_FILE, f"Fisher ({metadata['mode']}, {metadata['estimator']}) of {metadata['model']}")
-    logger.info("wrote %s: %d tensors, %d examples, %d loss tokens", out_dir, len(fisher), metadata["pairs_used"], metadata["loss_tokens"])
+    logger.info("wrote %s: %d tensors, %d examples, %d loss tokens", out_dir, len(fisher), metadata["pairs_used"],
+                metadata["loss_tokens"])
 
 
 if __name__ == "__main__":

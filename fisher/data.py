@@ -38,10 +38,6 @@ class Example:
     def dataset_index(self) -> int:
         return self.example_id >> 32
 
-    @property
-    def row(self) -> int:
-        return self.example_id & 0xFFFFFFFF
-
 
 @dataclass
 class DataStats:
@@ -63,9 +59,11 @@ def load_examples(config: FisherConfig, tokenizer) -> tuple[list[Example], DataS
             if len(input_ids) > config.max_length:
                 stats.truncated += 1
                 input_ids, labels = input_ids[: config.max_length], labels[: config.max_length]
-            if all(label == -100 for label in labels[1:]):  # label t is predicted from token t-1: position 0 never counts
+            # Label t is predicted from token t-1: position 0 never counts.
+            if all(label == -100 for label in labels[1:]):
                 stats.skipped_empty_loss_mask += 1
-                logger.warning("%s row %d has no loss token (empty loss mask); skipped", spec.path, example_id & 0xFFFFFFFF)
+                logger.warning("%s row %d has no loss token (empty loss mask); skipped", spec.path,
+                               example_id & 0xFFFFFFFF)
                 continue
             examples.append(Example(example_id, input_ids, labels))
     if not examples:
@@ -74,11 +72,13 @@ def load_examples(config: FisherConfig, tokenizer) -> tuple[list[Example], DataS
     return examples, stats
 
 
-def load_trl_datasets(specs: tuple[DatasetSpec, ...], num_examples: int | None, seed: int, text_field: str = "text") -> list:
+def load_trl_datasets(specs: tuple[DatasetSpec, ...], num_examples: int | None, seed: int,
+                      text_field: str = "text") -> list:
     """Each dataset loaded, its columns renamed to TRL's fields (plus `_row`, the source row index),
     and `num_examples` split across them by weight (a seeded shuffle, then the first rows)."""
     counts = _rows_per_dataset(specs, num_examples)
-    return [_select_rows(_with_trl_columns(_load(spec), spec, text_field), count, seed) for spec, count in zip(specs, counts)]
+    return [_select_rows(_with_trl_columns(_load(spec), spec, text_field), count, seed)
+            for spec, count in zip(specs, counts)]
 
 
 def _rows_per_dataset(specs: tuple[DatasetSpec, ...], num_examples: int | None) -> list[int | None]:
@@ -94,7 +94,8 @@ def _load(spec: DatasetSpec):
     path = Path(spec.path).expanduser()
     local = path.exists() or spec.path.startswith((".", "/", "~")) or path.suffix in _LOCAL_FORMATS
     if local and not path.exists():
-        raise DataError(f"data path {spec.path!r} does not exist; give a JSONL/JSON/parquet/arrow file, a folder, or a hub dataset name")
+        raise DataError(f"data path {spec.path!r} does not exist; give a JSONL/JSON/parquet/arrow file, a folder, "
+                        "or a hub dataset name")
     if path.is_file() and path.stat().st_size == 0:
         raise DataError(f"data file {spec.path!r} is empty; give a dataset with at least one row")
     try:
@@ -164,10 +165,12 @@ def _tokenize_with_trl(dataset, spec: DatasetSpec, tokenizer, config: FisherConf
     )
     try:
         # As SFTTrainer.__init__: a template without generation markers is swapped for TRL's training version.
-        training_template = get_training_chat_template(tokenizer) if assistant_only and not has_generation_markers(tokenizer.chat_template) else None
+        needs_training_template = assistant_only and not has_generation_markers(tokenizer.chat_template)
+        training_template = get_training_chat_template(tokenizer) if needs_training_template else None
     except ValueError:
         raise no_assistant_mask from None
-    trainer_state = SimpleNamespace(_tokenizer=tokenizer, chat_template=training_template, completion_only_loss=config.completion_only_loss)
+    trainer_state = SimpleNamespace(_tokenizer=tokenizer, chat_template=training_template,
+                                    completion_only_loss=config.completion_only_loss)
     if assistant_only:
         dataset = _skip_rows_without_assistant_turn(dataset, spec)
     try:
@@ -193,5 +196,6 @@ def _skip_rows_without_assistant_turn(dataset, spec: DatasetSpec):
     skipped = len(dataset) - len(keep)
     if skipped:
         rows = [dataset[i]["_row"] for i in sorted(set(range(len(dataset))) - set(keep))][:5]
-        logger.warning("%s: %d row(s) have no assistant turn (empty loss mask), skipped; first rows: %s", spec.path, skipped, rows)
+        logger.warning("%s: %d row(s) have no assistant turn (empty loss mask), skipped; first rows: %s",
+                       spec.path, skipped, rows)
     return dataset.select(keep) if skipped else dataset

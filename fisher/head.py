@@ -1,12 +1,9 @@
 """The LM head applied to final hidden states a chunk of positions at a time, so that no [positions, vocab]
-tensor is ever built for a whole sequence.
-
-Gemma's vocabulary is 262,144: fp32 logits of one 2048-token sequence are 2 GB, and soft-capping and
-log_softmax with its backward need several such buffers per sequence (11.7 GB peak RSS for one sequence
-through the full logits in bench/fisher_memory_bench.py). Here only the logits of `chunk` positions exist at
-once, and a handful of [chunk, vocab] fp32 temporaries at the peak (≈ 6 · chunk · vocab · 4 bytes: 1.6 GB at
-chunk 256, vocab 262,144), independent of the batch and the sequence length. Used by the Fisher (per-token
-log-likelihoods, label sampling) and by heal's distillation.
+tensor is ever built for a whole sequence (Gemma's vocabulary is 262,144: fp32 logits of one 2048-token
+sequence are 2 GB). Only a handful of [chunk, vocab] fp32 temporaries exist at the peak
+(≈ 6 · chunk · vocab · 4 bytes), independent of the batch and the sequence length. Used by the Fisher
+(per-token log-likelihoods, label sampling) and by heal's distillation.
+Measured peaks: docs/benchmarks.md, section "Fisher memory".
 """
 
 from __future__ import annotations

@@ -81,12 +81,15 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
     layers = [int(k) for k in summary["mass_per_layer_and_type"]]
     kinds = list(summary["mass_per_type"])
-    fig, (ax_layers, ax_types, ax_conc) = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [3, 1.3, 1.7]})
+    fig, (ax_layers, ax_types, ax_conc) = plt.subplots(1, 3, figsize=(18, 5),
+                                                        gridspec_kw={"width_ratios": [3, 1.3, 1.7]})
     for kind in kinds:  # lines on a log axis: per-layer mass spans orders of magnitude
         masses = [summary["mass_per_layer_and_type"][str(layer)].get(kind) for layer in layers]
-        ax_layers.plot([l for l, m in zip(layers, masses) if m], [m for m in masses if m], marker=".", label=kind)
+        ax_layers.plot([layer for layer, m in zip(layers, masses) if m], [m for m in masses if m], marker=".",
+                       label=kind)
     ax_layers.set_yscale("log")
-    ax_layers.set(xlabel="layer", ylabel="Fisher mass (sum of the diagonal)", title="Fisher mass per layer and module type")
+    ax_layers.set(xlabel="layer", ylabel="Fisher mass (sum of the diagonal)",
+                  title="Fisher mass per layer and module type")
     ax_layers.legend(fontsize=7, ncol=3)
     ax_types.barh(kinds[::-1], [summary["mass_per_type"][k] for k in kinds[::-1]])
     ax_types.set(xlabel="Fisher mass", title="per module type")

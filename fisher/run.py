@@ -37,6 +37,19 @@ class Counts:
 Pairs = dict[tuple[int, int], torch.Tensor]  # (batch index, label sample) -> [B] bool, one flag per example
 
 
+def prepare_for_fisher(model, config: FisherConfig) -> None:
+    """Ready a loaded model for `run_fisher`: freeze every weight (no weight gradients are built; hooks compute
+    per-example ones) and let gradients flow from the token embeddings, so every decoder Linear sees its output
+    gradient."""
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda _m, _a, output: output.requires_grad_(True))
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # transformers checkpoints only in training mode; these models have no active dropout
+    else:
+        model.eval()
+
+
 def run_fisher(model, accumulator: Accumulator, examples: list[Example], config: FisherConfig, pad_token_id: int,
                rank: int = 0, world_size: int = 1) -> Counts:
     """Accumulate this rank's share of the examples into `accumulator.sums`; return its counts.
@@ -50,7 +63,8 @@ def run_fisher(model, accumulator: Accumulator, examples: list[Example], config:
     run = _Run(model, LogitHead.of(model), accumulator, config, pad_token_id, next(model.parameters()).device)
     skipped: Pairs = {}  # pairs left out of every group's sums
     total_tokens = len(groups) * sum(len(e.input_ids) for e in mine)
-    progress = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"fisher[{rank}]", disable=rank != 0, dynamic_ncols=True)
+    progress = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"fisher[{rank}]", disable=rank != 0,
+                    dynamic_ncols=True)
     with progress:
         for index, group in enumerate(groups):
             found: Pairs = {}  # pairs this group left out that the earlier groups added
@@ -114,7 +128,8 @@ class _Run:
         """Labels drawn at each loss position from the model's predictive distribution there (teacher-forced on
         the data prefix), from a generator per (seed, example, sample): independent of batching, rank, chunking."""
         generators = [example_generator(self.config.seed, e.example_id, sample, self.device) for e in batch]
-        uniforms = torch.cat([label_uniforms(labels[row], g) for row, g in enumerate(generators)])  # row-major, as `mask`
+        # Row-major, as `mask`.
+        uniforms = torch.cat([label_uniforms(labels[row], g) for row, g in enumerate(generators)])
         mask = labels[:, 1:] != -100
         sampled = labels.clone()
         sampled[:, 1:][mask] = sample_tokens_chunked(hidden.detach()[:, :-1][mask], uniforms, self.head,
@@ -159,7 +174,8 @@ def reduce_counts(counts: Counts, accumulator: Accumulator, accelerator) -> Coun
     for name, total in accumulator.sums.items():  # one at a time on the device (after a per-layer-group pass, on CPU)
         accumulator.sums[name] = accelerator.reduce(total.to(accelerator.device), reduction="sum").to(total.device)
     device = next(iter(accumulator.sums.values())).device
-    numbers = torch.tensor([counts.examples, counts.pairs_used, counts.pairs_nonfinite, counts.loss_tokens], dtype=torch.float64, device=device)
+    numbers = torch.tensor([counts.examples, counts.pairs_used, counts.pairs_nonfinite, counts.loss_tokens],
+                           dtype=torch.float64, device=device)
     examples, used, nonfinite, tokens = (int(v) for v in accelerator.reduce(numbers, reduction="sum").tolist())
     ids = [i for part in gather_object([counts.nonfinite_examples]) for i in part]
     return Counts(examples, used, nonfinite, tokens, sorted(ids))
@@ -169,12 +185,14 @@ def finalize(accumulator: Accumulator, counts: Counts, config: FisherConfig) -> 
     """Means from sums; fail when too many examples had non-finite gradients."""
     pairs = counts.pairs_used + counts.pairs_nonfinite
     if counts.pairs_nonfinite:
-        logger.warning("%d of %d (example, sample) pairs had a non-finite loss or gradient and were skipped; examples: %s",
-                       counts.pairs_nonfinite, pairs, [f"dataset {i >> 32} row {i & 0xFFFFFFFF}" for i in counts.nonfinite_examples[:10]])
+        examples = [f"dataset {i >> 32} row {i & 0xFFFFFFFF}" for i in counts.nonfinite_examples[:10]]
+        logger.warning("%d of %d (example, sample) pairs had a non-finite loss or gradient and were skipped; "
+                       "examples: %s", counts.pairs_nonfinite, pairs, examples)
     if pairs and counts.pairs_nonfinite / pairs > config.max_nonfinite_share:
         raise NonFiniteError(
-            f"{counts.pairs_nonfinite} of {pairs} examples ({100 * counts.pairs_nonfinite / pairs:.1f}%) had non-finite "
-            f"gradients, above max_nonfinite_share={config.max_nonfinite_share}. First: {counts.nonfinite_examples[:5]} "
+            f"{counts.pairs_nonfinite} of {pairs} examples ({100 * counts.pairs_nonfinite / pairs:.1f}%) had "
+            f"non-finite gradients, above max_nonfinite_share={config.max_nonfinite_share}. "
+            f"First: {counts.nonfinite_examples[:5]} "
             "(dataset index << 32 | row). Try dtype: float32, or a smaller max_length"
         )
     if counts.pairs_used == 0:

@@ -19,7 +19,10 @@ class HealConfigError(ValueError):
     pass
 
 
-OBJECTIVES = ("sft", "distill")  # sft: the data's labels; distill: + KL(teacher ‖ student) (heal/distill.py)
+# sft: the data's labels; distill: + KL(teacher ‖ student) on the data's tokens; onpolicy: the KL on the student's
+# own generations (heal/distill.py)
+OBJECTIVES = ("sft", "distill", "onpolicy")
+DISTILLATIONS = ("distill", "onpolicy")  # the objectives with a teacher: `teacher` and distill_* apply to both
 DISTILL_TOKENS = ("loss", "all")  # which positions the KL counts: the label loss's, or every non-pad one
 
 
@@ -56,15 +59,22 @@ class HealConfig:
     distill_temperature: float = 1.0
     distill_tokens: str = "loss"
     distill_chunk_size: int = 256  # positions per KL chunk (peak ≈ 4 · chunk · vocab · 4 bytes)
+    # onpolicy (TRL GKD-style): per micro-batch, with probability onpolicy_lmbda, the student generates each row's
+    # completion (up to onpolicy_max_new_tokens, at onpolicy_temperature; 0 = greedy) and the KL is taken on it.
+    onpolicy_lmbda: float = 1.0
+    onpolicy_max_new_tokens: int = 96
+    onpolicy_temperature: float = 1.0
     merge: bool = False  # also write OUTPUT_DIR/merged: the healed full model in the raw stack's layout
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, one CUDA GPU)
 
     def __post_init__(self):
         if self.protect and self.fisher is None:
-            raise HealConfigError("protect: true needs `fisher:` (a fisher.safetensors); set protect: false to heal without it")
+            raise HealConfigError("protect: true needs `fisher:` (a fisher.safetensors); "
+                                  "set protect: false to heal without it")
         if self.load_in_4bit and self.merge:
             raise HealConfigError("merge: true with load_in_4bit: merge into the bf16 raw stack afterwards instead "
-                                  "(heal without merge, then rerun with merge: true and load_in_4bit: false to resume and merge)")
+                                  "(heal without merge, then rerun with merge: true and load_in_4bit: false "
+                                  "to resume and merge)")
         self._check_objective()
         if self.seam_width < 1:
             raise HealConfigError(f"seam_width must be >= 1, got {self.seam_width}")
@@ -78,18 +88,35 @@ class HealConfig:
     def _check_objective(self):
         if self.objective not in OBJECTIVES:
             raise HealConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.objective != "distill":
+        if self.objective not in DISTILLATIONS:
             if self.teacher is not None:
-                raise HealConfigError(f"`teacher:` is set but objective is {self.objective!r}; set objective: distill")
+                raise HealConfigError(f"`teacher:` is set but objective is {self.objective!r}; set objective: distill "
+                                      "or onpolicy")
             return
         if not 0 <= self.distill_alpha <= 1:
-            raise HealConfigError(f"distill_alpha must be in [0, 1] (the KL's share of the loss), got {self.distill_alpha}")
+            raise HealConfigError(f"distill_alpha must be in [0, 1] (the KL's share of the loss), "
+                                  f"got {self.distill_alpha}")
         if self.distill_temperature <= 0:
             raise HealConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.distill_tokens not in DISTILL_TOKENS:
             raise HealConfigError(f"distill_tokens must be one of {DISTILL_TOKENS}, got {self.distill_tokens!r}")
         if self.distill_chunk_size < 1:
             raise HealConfigError(f"distill_chunk_size must be >= 1, got {self.distill_chunk_size}")
+        if self.objective == "onpolicy":
+            self._check_onpolicy()
+
+    def _check_onpolicy(self):
+        if self.distill_alpha != 1:
+            raise HealConfigError(f"objective: onpolicy needs distill_alpha: 1.0, got {self.distill_alpha}: its "
+                                  "labels are the student's own generated tokens, so a CE term on them teaches "
+                                  "nothing; use objective: distill to mix in the data's CE")
+        if not 0 <= self.onpolicy_lmbda <= 1:
+            raise HealConfigError(f"onpolicy_lmbda must be in [0, 1] (the share of batches the student generates), "
+                                  f"got {self.onpolicy_lmbda}")
+        if self.onpolicy_max_new_tokens < 1:
+            raise HealConfigError(f"onpolicy_max_new_tokens must be >= 1, got {self.onpolicy_max_new_tokens}")
+        if self.onpolicy_temperature < 0:
+            raise HealConfigError(f"onpolicy_temperature must be >= 0 (0: greedy), got {self.onpolicy_temperature}")
 
 
 def load_config(path: str | Path, **overrides: Any):
@@ -104,7 +131,8 @@ def load_config(path: str | Path, **overrides: Any):
     sft_keys = {f.name for f in fields(SFTConfig)}
     unknown = sorted(set(raw) - heal_keys - sft_keys)
     if unknown:
-        raise HealConfigError(f"{path}: unknown key(s) {unknown}; keys are HealConfig fields (heal/config.py) or SFTConfig fields")
+        raise HealConfigError(f"{path}: unknown key(s) {unknown}; keys are HealConfig fields (heal/config.py) "
+                              "or SFTConfig fields")
     heal_raw = {k: v for k, v in raw.items() if k in heal_keys}
     try:  # the same parsing as fisher recipes: an unknown key in an entry is named
         specs = dataset_specs(heal_raw.pop("datasets", None) or [], str(path))

@@ -24,15 +24,20 @@ forward) with the LM head on one position only; a hook on its backbone captures 
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from trl import SFTTrainer
+from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from evaluation.generation import stop_token_ids
+from evaluation.inputs import pad_batch, pad_id
 from fisher.head import LogitHead
+from stack.manifest import StackManifest
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +91,8 @@ def chunked_kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, s
     if student_head.weight.requires_grad or (student_head.bias is not None and student_head.bias.requires_grad):
         raise ValueError("the distillation KL treats the student's LM head as frozen, but it requires grad; "
                          "keep lm_head out of the LoRA targets and frozen")
-    return _ChunkedKL.apply(student_hidden, teacher_hidden.detach(), student_head, teacher_head, temperature, chunk_size)
+    return _ChunkedKL.apply(student_hidden, teacher_hidden.detach(), student_head, teacher_head, temperature,
+                            chunk_size)
 
 
 # ---- capturing the backbone's final hidden states ----------------------------------------------------------
@@ -112,13 +118,13 @@ class HiddenCapture:
 # ---- the teacher -------------------------------------------------------------------------------------------
 
 
-def resolve_teacher(teacher: str | None, manifest: dict | None) -> str:
+def resolve_teacher(teacher: str | None, manifest: StackManifest | None) -> str:
     """The teacher's checkpoint: `teacher:` if given, else the stack's source model from stack.json."""
     if teacher is None:
         if manifest is None:
-            raise TeacherError("objective: distill needs a teacher: set `teacher:` (a model folder), or heal a stack "
-                               "whose stack.json records its source model")
-        teacher = manifest["source"]["model"]
+            raise TeacherError("objective: distill/onpolicy needs a teacher: set `teacher:` (a model folder), or heal "
+                               "a stack whose stack.json records its source model")
+        teacher = manifest.source.model
         origin = "the source model recorded in stack.json"
     else:
         origin = "`teacher:`"
@@ -219,7 +225,8 @@ class DistillationTrainer(SFTTrainer):
         heads = (self.student_head.weight, self.student_head.bias, self.teacher.head.weight, self.teacher.head.bias)
         with maybe_gather_lm_head_ctx(*heads):  # ZeRO-3: the heads are partitioned outside their forward
             kl_sum = chunked_kl_sum(student_hidden[positions], teacher_hidden[positions].to(student_hidden.device),
-                                    self.student_head, self.teacher.head, self.distill.temperature, self.distill.chunk_size)
+                                    self.student_head, self.teacher.head, self.distill.temperature,
+                                    self.distill.chunk_size)
         return kl_sum, positions.sum(), positions
 
     def _positions(self, inputs) -> torch.Tensor:
@@ -243,5 +250,140 @@ class DistillationTrainer(SFTTrainer):
                 return positions.sum().clamp(min=1)
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             return torch.as_tensor(num_items_in_batch, device=positions.device).clamp(min=1) / scale
-        scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None  # as in Trainer.training_step
-        return positions.sum().clamp(min=1) * (self.current_gradient_accumulation_steps if scaled_for_accumulation else 1)
+        return self._micro_batch_normalizer(positions, num_items_in_batch)
+
+    def _micro_batch_normalizer(self, positions, num_items_in_batch):
+        """A per-micro-batch mean, divided by the accumulation steps when the Trainer leaves that to the loss."""
+        # As in Trainer.training_step.
+        scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        steps = self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
+        return positions.sum().clamp(min=1) * steps
+
+
+# ---- on-policy distillation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OnPolicyConfig:
+    lmbda: float = 1.0  # share of micro-batches whose completions the student generates (TRL GKD's lmbda)
+    max_new_tokens: int = 96
+    temperature: float = 1.0  # sampling temperature of the student's generations; 0: greedy
+
+
+def prompt_tokens(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Each row's prompt: its tokens before the first label token (the whole row if it has none, i.e. the
+    completion was truncated away). Rows are right padded (TRL's collator)."""
+    prompts = []
+    for row, (ids, labels, mask) in enumerate(zip(inputs["input_ids"], inputs["labels"], inputs["attention_mask"])):
+        length = int(mask.sum())
+        labelled = (labels[:length] != -100).nonzero()
+        prompt_length = int(labelled[0]) if len(labelled) else length
+        if prompt_length == 0:
+            raise TeacherError(f"objective: onpolicy needs a prompt in every row, but row {row} of the batch has "
+                               "labels from its first token (no prompt to generate from); use prompt/completion rows "
+                               "(completion_only_loss: true) or messages rows with assistant_only_loss: true")
+        prompts.append(ids[:prompt_length])
+    return prompts
+
+
+def cut_at_stop(generated: torch.Tensor, stops: list[int]) -> torch.Tensor:
+    """[new] -> the tokens up to and including the first stop token (all of them if none was generated);
+    generate fills a finished row with padding after its stop."""
+    hits = torch.isin(generated, torch.tensor(stops, device=generated.device)).nonzero()
+    return generated[: int(hits[0]) + 1] if len(hits) else generated
+
+
+def completion_batch(prompts: list[torch.Tensor], completions: list[torch.Tensor],
+                     pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask [B, L] of prompt + completion, and labels: the completion's
+    tokens, -100 on the prompt and the padding."""
+    device = prompts[0].device
+    rows = [torch.cat([p, c]).tolist() for p, c in zip(prompts, completions)]
+    input_ids, attention_mask = pad_batch(rows, pad, side="right")
+    labels = torch.full_like(input_ids, -100)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        labels[row, len(prompt): len(prompt) + len(completion)] = completion.cpu()
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "labels": labels.to(device)}
+
+
+def generation_kwargs(onpolicy: OnPolicyConfig, stops: list[int], pad: int) -> dict:
+    """generate's settings: sampling from the student's own distribution at the temperature (greedy at 0).
+    Whatever truncation or penalty the checkpoint's generation_config.json would fill in is switched off
+    (transformers 5 takes every value not passed from it)."""
+    greedy = onpolicy.temperature == 0
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": onpolicy.temperature}
+    return dict(max_new_tokens=onpolicy.max_new_tokens, num_beams=1, top_k=0, top_p=1.0, min_p=0.0,
+                repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=stops, pad_token_id=pad, use_cache=True,
+                **sampling)
+
+
+class OnPolicyDistillationTrainer(DistillationTrainer):
+    """On-policy distillation (GKD, Agarwal et al. 2024; TRL's GKDTrainer with beta = 0): with probability
+    lmbda per training micro-batch, the student generates the completion of each row's prompt and the
+    KL(teacher ‖ student) is taken on the student's own tokens, the teacher forced on them. Greedy loops are
+    an exposure-bias failure: teacher-forced on the data, the student never trains on the states it loops in.
+    Other micro-batches, and evaluation, are the teacher-forced distillation of DistillationTrainer.
+
+    An on-policy micro-batch's KL is a mean over its generated tokens (the Trainer's num_items_in_batch counted
+    the data's labels). Its sequences can exceed max_length by up to max_new_tokens."""
+
+    def __init__(self, *, onpolicy: OnPolicyConfig, distill: DistillConfig, **distillation_trainer_kwargs):
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():  # generation would need the partitioned weights gathered every step
+            raise TeacherError("objective: onpolicy needs generation, unsupported under ZeRO-3 here; use ZeRO-2 or a "
+                               "single process")
+        if distill.alpha != 1:
+            raise TeacherError(f"on-policy distillation needs alpha 1 (got {distill.alpha}): the labels are the "
+                               "student's own tokens, so a CE term on them teaches nothing")
+        super().__init__(distill=distill, **distillation_trainer_kwargs)
+        if self.padding_free:
+            raise TeacherError("objective: onpolicy rebuilds padded batches from the student's generations; set "
+                               "padding_free: false (and packing: false)")
+        self.onpolicy = onpolicy
+        self._draw = random.Random(self.args.seed)  # which micro-batches are on-policy: one draw each, seeded
+        self._on_policy_batch = False
+        self._stops, self._pad = stop_token_ids(self.processing_class), pad_id(self.processing_class)
+        self._generation = generation_kwargs(onpolicy, self._stops, self._pad)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._on_policy_batch = False
+        if self.model.training:
+            self._on_policy_batch = self._draw.random() < self.onpolicy.lmbda
+            self._metrics["train"]["onpolicy_share"].append(float(self._on_policy_batch))
+        if self._on_policy_batch:
+            inputs = self._student_batch(model, inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _kl_normalizer(self, positions, num_items_in_batch):
+        if self._on_policy_batch:  # num_items_in_batch counted the data's label tokens, not the generated ones
+            return self._micro_batch_normalizer(positions, num_items_in_batch)
+        return super()._kl_normalizer(positions, num_items_in_batch)
+
+    def _student_batch(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The micro-batch rebuilt as each row's prompt followed by the student's completion of it."""
+        prompts = prompt_tokens(inputs)
+        completions = self.generate_completions(model, prompts)
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32, device=prompts[0].device)
+        mean_length = self.accelerator.gather_for_metrics(lengths).mean().item()
+        self._metrics["train"]["onpolicy_new_tokens"].append(mean_length)
+        return completion_batch(prompts, completions, self._pad)
+
+    def generate_completions(self, model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The student's completion of each prompt (adapters active, eval mode, no grad), cut after its first
+        stop token. Left padded, so every prompt ends in the last column, where generation continues."""
+        input_ids, attention_mask = pad_batch([p.tolist() for p in prompts], self._pad, side="left")
+        device = prompts[0].device
+        # Activation checkpointing is switched off for generate, then back on with the trainer's kwargs.
+        checkpointing = {"gradient_checkpointing_kwargs": self.args.gradient_checkpointing_kwargs}
+        with unwrap_model_for_generation(model, self.accelerator, **checkpointing) as student:
+            was_training = student.training
+            student.eval()
+            try:
+                with torch.no_grad():
+                    output = student.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                              **self._generation)
+            finally:
+                student.train(was_training)
+        return [cut_at_stop(row, self._stops) for row in output[:, input_ids.shape[1]:]]

@@ -1,44 +1,10 @@
 """Does the heal fit? The LoRA targets, trainable parameters, protection and peak GPU memory per rank
 of a heal recipe, before launching it. No weights are loaded: the model is built on the meta device
-from config.json, the targets come from stack.json exactly as heal/train.py picks them, and the
-protection plan reads only the targeted modules' Fisher tensors.
+from config.json, and the protection plan reads only the targeted modules' Fisher tensors.
 
     python -m heal.plan recipes/heal.yaml [--world-size 1 2 8] [--gpu-memory-gb 80] [--stack DIR]
 
-Memory model, bytes per rank (GB = 10^9 bytes). Notation: P base parameters, b_w bytes per weight
-(2 with bf16: true, else 4), Ψ LoRA parameters, W world size, B per_device_train_batch_size,
-T max_length, N = B·T tokens, h hidden size, V vocabulary, L decoder layers, p the PLE width per layer
-(Gemma-3n/4; 0 elsewhere), q, kv, f a layer's q_proj, k_proj (0 on KV-shared layers) and FFN widths.
-
-  weights      ZeRO-2 / no ZeRO: P·b_w (a full replica, PLE table and towers included).
-               ZeRO-3: P·b_w / W + G·b_w, G the largest single module's parameters, which ZeRO-3
-               gathers whole for its forward (Gemma-4's PLE table: 262144 × L·256).
-  LoRA         no ZeRO (fp32 adapter, autocast): 4Ψ params + 4Ψ grads + 8Ψ AdamW moments.
-               DeepSpeed (bf16 params and grads, fp32 master + 2 moments): ZeRO-2 2Ψ + 14Ψ / W;
-               ZeRO-3 16Ψ / W. Without bf16 every entry is fp32: 4Ψ instead of 2Ψ.
-  activations  saved for the backward, per token and layer, in the compute dtype (elements):
-                 a = 5h + 3f + 7q + 2kv + p   (norm inputs, attention output, residuals; MLP gate, up,
-                 GELU output; q/k/v after their norms and RoPE, the attention's q, k, v and output;
-                 the PLE gate), and a LoRA-targeted layer also keeps its LoRA inputs: + 2h + f + q.
-               checkpointing:    N·b·(L·h + max a + L·p + 3h) + masks   (every layer's boundary hidden
-                                 state, one layer recomputed, the PLE inputs, embeddings and final norm);
-               no checkpointing: N·b·(Σ a over the layers from the first LoRA layer on + L·p + 3h) + masks
-                                 (layers below the first LoRA target need no gradient, so save nothing);
-               masks: one [B, 1, T, T] attention mask per attention type, N·T·b each.
-  logits       TRL's fused LM head (no [N, V] logits): one tile of min(N, 4096) × 32768 in the
-               compute dtype, plus, without Triton (CPU), 4 fp32 temporaries of that tile; the gradient
-               w.r.t. the hidden states, N·h fp32, and their masked copy, N·h·b.
-  teacher      distill only. Weights as the student's (full under ZeRO-2, / W + its largest module
-               under ZeRO-3); its no-grad forward: one layer's working set N·b·max a, its PLE inputs
-               N·L·p·b and captured hidden states N·h·b; the chunked KL: 4·chunk·V·4 bytes of fp32
-               buffers plus the student-hidden gradient and both heads' inputs, 3·N·h·b.
-  overhead     a fixed 2 GB per GPU: CUDA context and cuBLAS workspace (~0.5-1 GB), NCCL buffers
-               and the caching allocator's slack.
-
-The estimate sums the components alive when the backward starts; it leaves out the backward's transient
-buffers and allocator fragmentation, so keep a margin. tests/test_heal_plan.py checks the activation
-formula against the bytes autograd saves; bench/heal_memory_bench.py compares the whole estimate with a
-measured peak RSS on the CPU.
+The memory model, formula by formula: docs/architecture.md, section "Before launching: `heal/plan.py`".
 """
 
 from __future__ import annotations
@@ -54,13 +20,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from heal.config import HealConfig, HealConfigError, load_config
-from heal.distill import TeacherError, resolve_teacher
 from fisher.file import FisherFileError, check_fisher_values, read_fisher_metadata
-from heal.protection import (ModuleProtection, ProtectionConfig, ProtectionError, check_fisher_provenance,
-                             is_grafted_kv, plan_protection, slot_fisher)
+from heal.config import DISTILLATIONS, HealConfig, HealConfigError, load_config
+from heal.distill import TeacherError, resolve_teacher
+from heal.protection import (
+    ModuleProtection,
+    ProtectionConfig,
+    ProtectionError,
+    check_fisher_provenance,
+    plan_protection,
+    slot_fisher,
+)
 from heal.targets import TargetError, explicit_targets, select_targets
-from stack.manifest import MANIFEST_NAME, load_manifest
+from stack.manifest import MANIFEST_NAME, StackManifest, load_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +124,7 @@ class Target:
         return self.rank * (self.in_features + self.out_features)  # PEFT LoRA: A [r, in] and B [out, r]
 
 
-def plan_targets(heal: HealConfig, model: nn.Module, manifest: dict | None) -> list[Target]:
+def plan_targets(heal: HealConfig, model: nn.Module, manifest: StackManifest | None) -> list[Target]:
     """The LoRA targets, exactly as heal/train.py selects them, with each group's rank."""
     if heal.targets:
         groups = explicit_targets(model, list(heal.targets))
@@ -180,7 +152,7 @@ class ProtectionSummary:
     mass: dict[str, float]  # each planned module's total Fisher mass, to weigh the overall coverage
 
 
-def plan_module_protection(heal: HealConfig, manifest: dict, targets: list[Target]) -> ProtectionSummary:
+def plan_module_protection(heal: HealConfig, manifest: StackManifest, targets: list[Target]) -> ProtectionSummary:
     """heal/train.py's protection plan, reading only the source Fisher tensors the targets map to. The file is
     checked as the heal checks it (fisher/file.py, check_fisher_provenance), so a plan is never printed for a
     Fisher the heal would refuse."""
@@ -208,18 +180,18 @@ def plan_module_protection(heal: HealConfig, manifest: dict, targets: list[Targe
     return ProtectionSummary(plan, {name: float(slot_values[f"{name}.weight"].double().sum()) for name in plan})
 
 
-def _source_fisher_names(manifest: dict, targets: list[Target]) -> dict[str, tuple[int, int]]:
+def _source_fisher_names(manifest: StackManifest, targets: list[Target]) -> dict[str, tuple[int, int]]:
     """Source-checkpoint weight name -> [out, in] for every target whose slot maps to a source layer
     (grafted K/V excluded: their source layer had none)."""
-    prefix = manifest["layer_prefix"]
+    prefix = manifest.layer_prefix
     needed = {}
     for target in targets:
         if not target.name.startswith(prefix):
             continue
         index, suffix = target.name[len(prefix):].split(".", 1)
-        slot = manifest["slots"][int(index)]
-        if not is_grafted_kv(slot, f"{suffix}.weight"):
-            needed[f"{prefix}{slot['source_layer']}.{suffix}.weight"] = (target.out_features, target.in_features)
+        slot = manifest.slots[int(index)]
+        if not manifest.is_grafted_kv(slot, f"{suffix}.weight"):
+            needed[f"{prefix}{slot.source_layer}.{suffix}.weight"] = (target.out_features, target.in_features)
     return needed
 
 
@@ -255,7 +227,7 @@ def memory(shape: ModelShape, lora_parameters: int, lora_layers: frozenset[int],
     out = {
         "weights": _weights(shape, work, stage, world),
         "LoRA + grads + AdamW": _lora_state(lora_parameters, work, stage, world),
-        "activations": _activations(shape, lora_layers, work),
+        "activations": activation_bytes(shape, lora_layers, work),
         "logits (fused CE)": _fused_head(shape, work),
     }
     if distill is not None:
@@ -280,7 +252,10 @@ def _lora_state(psi: int, work: Workload, stage: str, world: int) -> int:
     return (2 * low + 12) * psi // world
 
 
-def _activations(shape: ModelShape, lora_layers: frozenset[int], work: Workload) -> int:
+def activation_bytes(shape: ModelShape, lora_layers: frozenset[int], work: Workload) -> int:
+    """Bytes autograd saves for one step's backward on one rank: every layer from the lowest LoRA layer up
+    (nothing below it needs a gradient), or under gradient checkpointing each layer's input plus one layer
+    recomputed; the PLE inputs and the attention masks on top."""
     h, b = shape.hidden, work.weight_bytes
     per_layer = [layer.activation_elements(h, i in lora_layers) for i, layer in enumerate(shape.layers)]
     ple = sum(layer.ple for layer in shape.layers)
@@ -338,7 +313,7 @@ def build_heal_plan(heal: HealConfig, sft, device: str = "cuda") -> HealPlan:
     checkpointing = bool(getattr(sft, "activation_checkpointing", None) or sft.gradient_checkpointing)
     work = Workload(sft.per_device_train_batch_size, sft.max_length, checkpointing, bool(sft.bf16), device)
     distill = None
-    if heal.objective == "distill":
+    if heal.objective in DISTILLATIONS:  # on-policy too: the teacher is resident either way
         distill = Distill(model_shape(meta_model(_teacher_dir(heal, manifest))), heal.distill_chunk_size)
     protection, note = None, "protect: false"
     if heal.protect and manifest is None:
@@ -350,7 +325,7 @@ def build_heal_plan(heal: HealConfig, sft, device: str = "cuda") -> HealPlan:
     return HealPlan(targets, model_shape(model), work, distill, protection, note)
 
 
-def _manifest(stack_dir: Path, required: bool) -> dict | None:
+def _manifest(stack_dir: Path, required: bool) -> StackManifest | None:
     if not (stack_dir / "config.json").is_file():
         raise FileNotFoundError(f"{stack_dir / 'config.json'} not found: point `stack:` (or --stack) at a folder "
                                 "written by `python -m stack`")
@@ -362,7 +337,7 @@ def _manifest(stack_dir: Path, required: bool) -> dict | None:
     return None
 
 
-def _teacher_dir(heal: HealConfig, manifest: dict | None) -> str:
+def _teacher_dir(heal: HealConfig, manifest: StackManifest | None) -> str:
     """The teacher's folder: a local one, or a hub id resolved from the local HF cache (config.json only)."""
     teacher = resolve_teacher(heal.teacher, manifest)
     if Path(teacher).is_dir():
@@ -379,8 +354,10 @@ def _teacher_dir(heal: HealConfig, manifest: dict | None) -> str:
 # ---- printing ---------------------------------------------------------------------------------------------------
 
 
-def format_plan(plan: HealPlan, world_sizes: tuple[int, ...], gpu_memory_gb: float, margin: float = DEFAULT_MARGIN) -> str:
-    sections = [_format_targets(plan), _format_protection(plan), _format_memory(plan, world_sizes, gpu_memory_gb, margin)]
+def format_plan(plan: HealPlan, world_sizes: tuple[int, ...], gpu_memory_gb: float,
+                margin: float = DEFAULT_MARGIN) -> str:
+    sections = [_format_targets(plan), _format_protection(plan),
+                _format_memory(plan, world_sizes, gpu_memory_gb, margin)]
     return "\n\n".join(sections)
 
 
@@ -447,7 +424,7 @@ def _format_memory(plan: HealPlan, world_sizes: tuple[int, ...], gpu_memory_gb: 
     header = (f"Peak GPU memory per rank, GB (10^9 bytes): batch {work.batch} x length {work.length}, "
               f"{'bf16' if work.bf16 else 'fp32'}, activation checkpointing {'on' if work.checkpointing else 'off'}"
               + (f", distill (KL chunk {plan.distill.chunk})" if plan.distill else "")
-              + ". Formulas: `python -m heal.plan --help`.")
+              + ". Formulas: docs/architecture.md, section 'Before launching'.")
     columns = [(stage, world) for world in world_sizes for stage in STAGES if not (stage == "no ZeRO" and world > 1)]
     tables = {column: plan.memory(*column) for column in columns}
     names = list(tables[columns[0]])

@@ -1,26 +1,9 @@
 """Fisher-subspace protection: the LoRA update of a targeted Linear never moves the source model's
-high-Fisher input and output coordinates.
+high-Fisher input and output coordinates. `slot_fisher` maps the source's Fisher onto the stack's slots,
+`plan_protection` picks the coordinates, `attach` masks them inside the LoRA factors' forward, and `bake`
+zeroes them in the saved adapter.
 
-For a targeted Linear W [out, in] with source-model Fisher F [out, in]:
-
-  1. input coordinates are ranked by the column sums of F, output coordinates by the row sums;
-  2. the protected set is the smallest top-ranked set covering `mass_share` of the module's Fisher
-     mass, capped at `max_fraction` of the dimensions;
-  3. the adapter's update ΔW = scale · B A then satisfies, for every protected input coordinate k
-     and output coordinate o:  ΔW e_k = 0  and  e_oᵀ ΔW = 0.
-
-The guarantee is kept in the forward pass: A's factor acts as A ⊙ M_in (protected input columns
-zeroed) and B's as M_out ⊙ B (protected output rows zeroed), inside each factor's own forward.
-So no gradient ever reaches A[:, k] or B[o, :], and whatever the optimizer does to those entries
-(weight decay included), they cannot change the function. This works at every DeepSpeed ZeRO
-stage: the masking happens inside forward, where ZeRO-3 has gathered the weight, and never on
-partitioned parameters or their gradients. `bake` zeroes those entries in the weights themselves
-before saving or `merge_and_unload`, so the saved adapter and the merged model hold the guarantee
-exactly, without the masks.
-
-Fisher comes keyed by the source checkpoint's names. `slot_fisher` maps it onto the stack through
-stack.json: every slot whose source layer is j gets layer j's Fisher. Grafted K/V weights have no
-source Fisher and stay unprotected.
+See docs/architecture.md, section "The heal (`heal/`)".
 """
 
 from __future__ import annotations
@@ -33,6 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from stack.manifest import StackManifest
 
 logger = logging.getLogger(__name__)
 
@@ -64,45 +49,44 @@ class ModuleProtection:
     output_mass_covered: float
 
     def report(self, shape: tuple[int, int]) -> dict:
-        return {"protected_inputs": len(self.inputs), "in_features": shape[1], "input_mass_covered": self.input_mass_covered,
-                "protected_outputs": len(self.outputs), "out_features": shape[0], "output_mass_covered": self.output_mass_covered}
+        return {"protected_inputs": len(self.inputs), "in_features": shape[1],
+                "input_mass_covered": self.input_mass_covered,
+                "protected_outputs": len(self.outputs), "out_features": shape[0],
+                "output_mass_covered": self.output_mass_covered}
 
 
 # ---- Fisher onto slots ------------------------------------------------------------------------------------
 
 
-def is_grafted_kv(slot: dict, suffix: str) -> bool:
-    """Whether `suffix` (a weight name inside a layer) is a K/V weight this slot took from another layer."""
-    return slot["kv_graft_from"] is not None and suffix.startswith(("self_attn.k_proj.", "self_attn.v_proj."))
-
-
-def slot_fisher(fisher: dict[str, torch.Tensor], manifest: dict, first_copy_only: bool = False) -> dict[str, torch.Tensor]:
+def slot_fisher(fisher: dict[str, torch.Tensor], manifest: StackManifest,
+                first_copy_only: bool = False) -> dict[str, torch.Tensor]:
     """Fisher keyed by source-layer weight names -> keyed by the stack's weight names.
 
     Grafted K/V weights (a slot's k/v taken from another layer) get no entry: their source layer had
     none, and the donor's Fisher measures another layer's use of them.
     """
-    prefix = manifest["layer_prefix"]
+    prefix = manifest.layer_prefix
     by_layer: dict[int, dict[str, torch.Tensor]] = {}
     for name, values in fisher.items():
         if not name.startswith(prefix):
             raise ProtectionError(f"Fisher tensor {name!r} is not under the stack's layer prefix {prefix!r}; "
-                                  f"was it computed on {manifest['source']['model']!r}?")
+                                  f"was it computed on {manifest.source.model!r}?")
         layer, suffix = name[len(prefix):].split(".", 1)
         by_layer.setdefault(int(layer), {})[suffix] = values
     out, seen = {}, set()
-    for slot in manifest["slots"]:
-        layer = slot["source_layer"]
+    for slot in manifest.slots:
+        layer = slot.source_layer
         if first_copy_only and layer in seen:
             continue
         seen.add(layer)
         for suffix, values in by_layer.get(layer, {}).items():
-            if not is_grafted_kv(slot, suffix):
-                out[f"{prefix}{slot['index']}.{suffix}"] = values
+            if not manifest.is_grafted_kv(slot, suffix):
+                out[f"{prefix}{slot.index}.{suffix}"] = values
     return out
 
 
-def check_fisher_matches(fisher: dict[str, torch.Tensor], source_shapes: dict[str, tuple[int, ...]], source_model: str) -> None:
+def check_fisher_matches(fisher: dict[str, torch.Tensor], source_shapes: dict[str, tuple[int, ...]],
+                         source_model: str) -> None:
     """Every Fisher tensor must name a weight of the stack's source model, with its shape."""
     for name, values in sorted(fisher.items()):
         if name not in source_shapes:
@@ -113,17 +97,17 @@ def check_fisher_matches(fisher: dict[str, torch.Tensor], source_shapes: dict[st
                                   f"{list(source_shapes[name])}; the Fisher comes from a different model")
 
 
-def check_fisher_provenance(fisher_path: str | Path, fisher_metadata: dict, manifest_path: str | Path, manifest: dict,
-                            allow_other_source: bool = False) -> None:
+def check_fisher_provenance(fisher_path: str | Path, fisher_metadata: dict, manifest_path: str | Path,
+                            manifest: StackManifest, allow_other_source: bool = False) -> None:
     """The Fisher must come from the stack's source checkpoint: the same shard files with the same sha256.
     Shapes cannot tell a base model from its instruction-tuned sibling (gemma-4-E4B vs E4B-it); the
     hashes that fisher and the stacker each recorded can. `allow_other_source` downgrades a mismatch to a warning."""
     recorded = fisher_metadata.get("model_shard_sha256") or {}
-    difference = _first_shard_difference(recorded, manifest["source"]["shard_sha256"])
+    difference = _first_shard_difference(recorded, manifest.source.shard_sha256)
     if difference is None:
         return
     message = (f"{fisher_path} was computed on {fisher_metadata.get('model')!r}, but {manifest_path} was stacked from "
-               f"{manifest['source']['model']!r}, and their source shards differ ({difference})")
+               f"{manifest.source.model!r}, and their source shards differ ({difference})")
     if allow_other_source:
         logger.warning("%s; protecting with it anyway (fisher_allow_other_source: true)", message)
         return
@@ -145,7 +129,8 @@ def _first_shard_difference(fisher_shards: dict[str, str], stack_shards: dict[st
 # ---- which coordinates --------------------------------------------------------------------------------------
 
 
-def protected_coordinates(marginal: torch.Tensor, mass_share: float, max_fraction: float) -> tuple[torch.Tensor, float]:
+def protected_coordinates(marginal: torch.Tensor, mass_share: float,
+                          max_fraction: float) -> tuple[torch.Tensor, float]:
     """The fewest highest-mass coordinates holding `mass_share` of `marginal`'s total, capped at
     floor(max_fraction · n); returns them sorted, and the share of mass they hold."""
     marginal = marginal.double()
@@ -160,7 +145,8 @@ def protected_coordinates(marginal: torch.Tensor, mass_share: float, max_fractio
     return torch.sort(chosen).values, float(marginal[chosen].sum()) / total
 
 
-def plan_protection(fisher: dict[str, torch.Tensor], module_names: list[str], config: ProtectionConfig) -> dict[str, ModuleProtection]:
+def plan_protection(fisher: dict[str, torch.Tensor], module_names: list[str],
+                    config: ProtectionConfig) -> dict[str, ModuleProtection]:
     """Protected coordinates of each targeted module (by module name) that has a Fisher."""
     plan = {}
     for module in module_names:
@@ -259,7 +245,8 @@ def _base_name(peft_name: str) -> str:
 # ---- the audit file --------------------------------------------------------------------------------------------
 
 
-def save_protection(path: Path, plan: dict[str, ModuleProtection], shapes: dict[str, tuple[int, int]], config: ProtectionConfig) -> None:
+def save_protection(path: Path, plan: dict[str, ModuleProtection], shapes: dict[str, tuple[int, int]],
+                    config: ProtectionConfig) -> None:
     """protection.safetensors: '{module}.inputs' and '{module}.outputs' (int64 coordinates), and per
     module the protected dims and the Fisher mass they cover, in the metadata."""
     from safetensors.torch import save_file

@@ -3,7 +3,8 @@
 Groups (each with its own rank and alpha):
   seam   every targeted projection of the slots within ±seam_width of a seam: for a seam at slot
          s (between s-1 and s), slots s-seam_width .. s+seam_width-1;
-  graft  k_proj and v_proj of slots whose K/V weights were grafted from another layer;
+  graft  the K/V projections (the architecture row's K/V tensors that are Linear: k_proj, v_proj) of
+         slots whose K/V weights were grafted from another layer;
   other  with all_layers: everything else.
 """
 
@@ -13,20 +14,19 @@ import re
 
 from torch import nn
 
-GRAFT_MODULES = ("self_attn.k_proj", "self_attn.v_proj")
+from stack.manifest import StackManifest
 
 
 class TargetError(ValueError):
     pass
 
 
-def select_targets(model: nn.Module, manifest: dict, modules: tuple[str, ...], seam_width: int,
+def select_targets(model: nn.Module, manifest: StackManifest, modules: tuple[str, ...], seam_width: int,
                    all_layers: bool = False) -> dict[str, str]:
     """{module name in the model: group} for every nn.Linear of the text decoder that is targeted."""
-    prefix = manifest["layer_prefix"]
+    prefix = manifest.layer_prefix
     pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.(.+)$")
-    seam_slots = {s for seam in manifest["seams"] for s in range(seam["slot"] - seam_width, seam["slot"] + seam_width)}
-    grafted = {slot["index"] for slot in manifest["slots"] if slot["kv_graft_from"] is not None}
+    seam_slots = {s for seam in manifest.seams for s in range(seam.slot - seam_width, seam.slot + seam_width)}
     groups, kinds = {}, set()
     for name, module in model.named_modules():
         match = pattern.match(name)
@@ -34,7 +34,7 @@ def select_targets(model: nn.Module, manifest: dict, modules: tuple[str, ...], s
             continue
         slot, kind = int(match.group(1)), match.group(2)
         kinds.update({kind, kind.split(".")[-1]})
-        if slot in grafted and kind in GRAFT_MODULES:
+        if slot < len(manifest.slots) and manifest.is_grafted_kv(manifest.slots[slot], f"{kind}."):
             groups[name] = "graft"
         elif kind.split(".")[-1] in modules or kind in modules:
             if slot in seam_slots:

@@ -2,18 +2,14 @@
 
     accelerate launch heal/train.py recipes/heal.yaml
     python heal/train.py --config recipes/heal.yaml        # one process
-
-Targets come from the stack's stack.json (heal/targets.py). The protected coordinates come from the
-source model's Fisher, mapped onto the slots (heal/protection.py), and are masked in every LoRA
-forward. Output, in `output_dir`: the PEFT adapter, protection.safetensors (the protected
-coordinates, for audit), train_results.json and trainer_state.json (metrics and per-step log), and,
-with `merge: true`, `merged/`: the healed full model in the raw stack's layout, with its stack.json.
-A rerun with the same output_dir resumes from its last checkpoint; every checkpoint records its protection
-plan (checkpoint-N/protection.safetensors), and a resume under another plan is refused.
+    python heal/train.py recipes/heal.yaml --plan          # targets, protection and memory; no training
 
 DeepSpeed on CPU (how the tests run ZeRO-2/3 with 2 processes over gloo):
     DS_ACCELERATOR=cpu accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 2 \
         heal/train.py recipe.yaml
+
+Outputs (adapter, protection.safetensors, metrics, merged/), resume and protection:
+see docs/architecture.md, section "The heal (`heal/`)".
 """
 
 from __future__ import annotations
@@ -31,8 +27,18 @@ from transformers import TrainerCallback
 
 from fisher.data import DataError, check_chat_template, load_trl_datasets
 from fisher.file import FisherFileError, load_fisher
-from heal.config import HealConfig, HealConfigError, config_to_dict, load_config
-from heal.distill import DistillationTrainer, DistillConfig, TeacherError, check_same_tokenizer, load_teacher, resolve_teacher
+from heal.card import heal_card, write_adapter_card
+from heal.config import DISTILLATIONS, HealConfig, HealConfigError, config_to_dict, load_config
+from heal.distill import (
+    DistillationTrainer,
+    DistillConfig,
+    OnPolicyConfig,
+    OnPolicyDistillationTrainer,
+    TeacherError,
+    check_same_tokenizer,
+    load_teacher,
+    resolve_teacher,
+)
 from heal.protection import (
     PROTECTION_FILE,
     ModuleProtection,
@@ -43,7 +49,6 @@ from heal.protection import (
     bake_adapter_file,
     check_fisher_matches,
     check_fisher_provenance,
-    is_grafted_kv,
     load_protection,
     plan_difference,
     plan_protection,
@@ -52,7 +57,14 @@ from heal.protection import (
 )
 from heal.targets import TargetError, explicit_targets, select_targets
 from stack.atomic import staged_output
-from stack.manifest import MANIFEST_NAME, ManifestError, check_manifest_matches_config, load_manifest
+from stack.card import CARD_NAME
+from stack.manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    StackManifest,
+    check_manifest_matches_config,
+    load_manifest,
+)
 from stack.source import SourceError, check_data_present, open_source
 
 logger = logging.getLogger("heal")
@@ -62,7 +74,8 @@ USER_ERRORS = (HealConfigError, TargetError, ProtectionError, TeacherError, File
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heal/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="heal/train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="?", help="heal recipe YAML (HealConfig and SFTConfig fields)")
     parser.add_argument("--config", help="the recipe, as a flag (alignment-handbook style)")
     parser.add_argument("--plan", action="store_true",
@@ -131,8 +144,12 @@ def run(heal: HealConfig, sft) -> None:
     teacher = _teacher_path(heal, manifest, tokenizer)
     dtype = torch.bfloat16 if sft.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(stack_dir, dtype=dtype, quantization_config=_quantization(heal))
-    groups = explicit_targets(model, list(heal.targets)) if heal.targets else select_targets(model, manifest, heal.modules, heal.seam_width, heal.all_layers)
-    logger.info("LoRA targets (%d modules):\n%s", len(groups), "\n".join(f"  {group:<5} {name}" for name, group in groups.items()))
+    if heal.targets:
+        groups = explicit_targets(model, list(heal.targets))
+    else:
+        groups = select_targets(model, manifest, heal.modules, heal.seam_width, heal.all_layers)
+    logger.info("LoRA targets (%d modules):\n%s", len(groups),
+                "\n".join(f"  {group:<5} {name}" for name, group in groups.items()))
     plan = _protection_plan(heal, manifest, model, list(groups), fisher) if heal.protect else {}
     del fisher  # fp32, as large as the decoder's weights: planned, no longer needed
     _check_resume_plan(checkpoint, plan)
@@ -154,8 +171,14 @@ def run(heal: HealConfig, sft) -> None:
     if teacher is None:
         trainer = SFTTrainer(**trainer_kwargs)
     else:
-        distill = DistillConfig(heal.distill_alpha, heal.distill_temperature, heal.distill_tokens, heal.distill_chunk_size)
-        trainer = DistillationTrainer(teacher=load_teacher(teacher, dtype), distill=distill, **trainer_kwargs)
+        distill = DistillConfig(heal.distill_alpha, heal.distill_temperature, heal.distill_tokens,
+                                heal.distill_chunk_size)
+        trainer_kwargs.update(teacher=load_teacher(teacher, dtype), distill=distill)
+        if heal.objective == "onpolicy":
+            onpolicy = OnPolicyConfig(heal.onpolicy_lmbda, heal.onpolicy_max_new_tokens, heal.onpolicy_temperature)
+            trainer = OnPolicyDistillationTrainer(onpolicy=onpolicy, **trainer_kwargs)
+        else:
+            trainer = DistillationTrainer(**trainer_kwargs)
     if plan:
         attach(trainer.model, plan)
         # Zero the protected entries now: the masks give them exactly zero gradient, so AdamW's moments
@@ -172,15 +195,17 @@ def run(heal: HealConfig, sft) -> None:
         if plan:
             bake_adapter_file(output_dir / "adapter_model.safetensors", plan)
             save_protection(output_dir / PROTECTION_FILE, plan, shapes, _protection_config(heal))
+        write_adapter_card(output_dir, heal, groups)  # in place of the empty template PEFT's save wrote
         if heal.merge:
-            _write_merged(stack_dir, output_dir, tokenizer)
+            _write_merged(stack_dir, output_dir, tokenizer, heal_card("merged", heal, groups, output_dir))
 
 
 def _dataset(heal: HealConfig, sft, tokenizer, stack_dir: Path):
     """The datasets in TRL's columns, mixed by weight; SFTTrainer trains on one format at a time."""
     from datasets import concatenate_datasets
 
-    parts = [part.remove_columns("_row") for part in load_trl_datasets(heal.datasets, heal.num_examples, sft.seed, sft.dataset_text_field)]
+    loaded = load_trl_datasets(heal.datasets, heal.num_examples, sft.seed, sft.dataset_text_field)
+    parts = [part.remove_columns("_row") for part in loaded]
     for spec, part in zip(heal.datasets, parts):
         check_chat_template(part, spec, tokenizer, str(stack_dir))
     formats = {tuple(part.column_names) for part in parts}
@@ -190,20 +215,25 @@ def _dataset(heal: HealConfig, sft, tokenizer, stack_dir: Path):
     return concatenate_datasets(parts)
 
 
-def _teacher_path(heal: HealConfig, manifest: dict | None, tokenizer) -> str | None:
+def _teacher_path(heal: HealConfig, manifest: StackManifest | None, tokenizer) -> str | None:
     """The distillation teacher's checkpoint (None for objective: sft), checked against the student's tokenizer."""
     from transformers import AutoTokenizer
 
-    if heal.objective != "distill":
+    if heal.objective not in DISTILLATIONS:
         return None
     teacher = resolve_teacher(heal.teacher, manifest)
     try:
         teacher_tokenizer = AutoTokenizer.from_pretrained(teacher)
     except OSError as error:  # a hub id that is not cached (offline) or does not exist
-        raise TeacherError(f"teacher {teacher!r} cannot be loaded ({error}); set `teacher:` to a local model folder") from None
+        raise TeacherError(f"teacher {teacher!r} cannot be loaded ({error}); "
+                           "set `teacher:` to a local model folder") from None
     check_same_tokenizer(tokenizer, teacher_tokenizer, teacher)
     logger.info("distilling from %s (alpha %s, temperature %s, %s tokens)", teacher, heal.distill_alpha,
                 heal.distill_temperature, heal.distill_tokens)
+    if heal.objective == "onpolicy":
+        logger.info("on-policy: the student generates the completions of a %s share of the batches (up to %d new "
+                    "tokens, temperature %s)", heal.onpolicy_lmbda, heal.onpolicy_max_new_tokens,
+                    heal.onpolicy_temperature)
     return teacher
 
 
@@ -286,7 +316,7 @@ class RecordProtection(TrainerCallback):
             save_protection(checkpoint / PROTECTION_FILE, self.plan, self.shapes, self.config)
 
 
-def _manifest(stack_dir: Path, required: bool) -> dict | None:
+def _manifest(stack_dir: Path, required: bool) -> StackManifest | None:
     if not (stack_dir / MANIFEST_NAME).is_file() and not required:
         return None
     try:
@@ -310,7 +340,7 @@ def _check_stack_data(stack_dir: Path) -> None:
     check_data_present(open_source(str(stack_dir.resolve())))
 
 
-def _fisher(heal: HealConfig, stack_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
+def _fisher(heal: HealConfig, stack_dir: Path, manifest: StackManifest) -> dict[str, torch.Tensor]:
     """The Fisher tensors, checked before any model loads: format_version, finite and >= 0, and computed on
     the stack's source checkpoint (shard hashes)."""
     tensors, metadata = load_fisher(heal.fisher)
@@ -319,25 +349,26 @@ def _fisher(heal: HealConfig, stack_dir: Path, manifest: dict) -> dict[str, torc
 
 
 def _protection_config(heal: HealConfig) -> ProtectionConfig:
-    return ProtectionConfig(mass_share=heal.mass_share, max_fraction=heal.max_fraction, first_copy_only=heal.first_copy_only)
+    return ProtectionConfig(mass_share=heal.mass_share, max_fraction=heal.max_fraction,
+                            first_copy_only=heal.first_copy_only)
 
 
-def _protection_plan(heal: HealConfig, manifest: dict, model, modules: list[str],
+def _protection_plan(heal: HealConfig, manifest: StackManifest, model, modules: list[str],
                      fisher: dict[str, torch.Tensor]) -> dict[str, ModuleProtection]:
-    check_fisher_matches(fisher, _source_shapes(model, manifest), manifest["source"]["model"])
+    check_fisher_matches(fisher, _source_shapes(model, manifest), manifest.source.model)
     return plan_protection(slot_fisher(fisher, manifest, heal.first_copy_only), modules, _protection_config(heal))
 
 
-def _source_shapes(model, manifest: dict) -> dict[str, tuple[int, ...]]:
+def _source_shapes(model, manifest: StackManifest) -> dict[str, tuple[int, ...]]:
     """Shape of each source-layer weight, read off the slots that hold it (K/V of grafted slots excluded)."""
-    prefix = manifest["layer_prefix"]
+    prefix = manifest.layer_prefix
     shapes = {}
     for name, param in model.named_parameters():
         if name.startswith(prefix):
             index, suffix = name[len(prefix):].split(".", 1)
-            slot = manifest["slots"][int(index)]
-            if not is_grafted_kv(slot, suffix):
-                shapes[f"{prefix}{slot['source_layer']}.{suffix}"] = _shape(param)
+            slot = manifest.slots[int(index)]
+            if not manifest.is_grafted_kv(slot, suffix):
+                shapes[f"{prefix}{slot.source_layer}.{suffix}"] = _shape(param)
     return shapes
 
 
@@ -349,9 +380,9 @@ def _shapes(model, plan) -> dict[str, tuple[int, int]]:
     return {name: _shape(model.get_submodule(name).weight) for name in plan}
 
 
-def _write_merged(stack_dir: Path, output_dir: Path, tokenizer) -> None:
+def _write_merged(stack_dir: Path, output_dir: Path, tokenizer, card: str) -> None:
     """The healed full model from disk (raw stack + saved adapter), whatever ZeRO stage trained it:
-    sharded like the raw stack, towers included, with the stack's manifest."""
+    sharded like the raw stack, towers included, with the stack's manifest and its model card `card`."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -363,6 +394,7 @@ def _write_merged(stack_dir: Path, output_dir: Path, tokenizer) -> None:
         merged.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         shutil.copyfile(stack_dir / MANIFEST_NAME, tmp / MANIFEST_NAME)
+        (tmp / CARD_NAME).write_text(card)
     logger.info("wrote the merged model to %s", output_dir / "merged")
 
 

@@ -27,8 +27,10 @@ USER_ERRORS = (RecipeError, SourceError, PlanError, UnsupportedArchitectureError
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="stack recipe YAML (mergekit passthrough format, plus an optional `stack:` block)")
+    parser = argparse.ArgumentParser(prog="python -m stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe",
+                        help="stack recipe YAML (mergekit passthrough format, plus an optional `stack:` block)")
     parser.add_argument("--source", help="source model: a local HF folder or a hub id; overrides the recipe's `model`")
     parser.add_argument("--out", type=Path, help="output folder (default: out/<recipe name>)")
     parser.add_argument("--dry-run", action="store_true",

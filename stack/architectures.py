@@ -37,7 +37,9 @@ class KVSharing:
     """
 
     count_field: str = "num_kv_shared_layers"
-    kv_tensor_prefixes: tuple[str, ...] = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")
+    kv_tensor_prefixes: tuple[str, ...] = (
+        "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm."
+    )
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ class Architecture:
     @property
     def layer_prefix(self) -> str:
         return f"{self.text_prefix}layers."
+
+    def is_kv_tensor(self, layer_suffix: str) -> bool:
+        """Whether a tensor inside a decoder layer (its name after f"{layer_prefix}{i}.") holds K/V weights: what a
+        KV-reuse slot drops and a grafted slot takes from its donor. The one definition; families without KV
+        sharing have none. LoRA's graft group is the Linear modules among these (heal/targets.py)."""
+        return self.kv_sharing is not None and layer_suffix.startswith(self.kv_sharing.kv_tensor_prefixes)
 
 
 def _plain_decoder(name: str, model_types: tuple[str, ...]) -> Architecture:
@@ -94,8 +102,10 @@ def _gemma4(name: str, model_types: tuple[str, ...], text_config_key: str | None
             ("decoder layers", (f"{text_prefix}layers.",)),
             ("PLE table", (f"{text_prefix}embed_tokens_per_layer.",)),
             ("token embeddings", (f"{text_prefix}embed_tokens.",)),
-            ("PLE projection", (f"{text_prefix}per_layer_model_projection.", f"{text_prefix}per_layer_projection_norm.")),
-            ("vision/audio towers", ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")),
+            ("PLE projection",
+             (f"{text_prefix}per_layer_model_projection.", f"{text_prefix}per_layer_projection_norm.")),
+            ("vision/audio towers",
+             ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")),
         ),
     )
 

@@ -30,6 +30,7 @@ STAGES = {
     "fisher": "python -m fisher",
     "eval": "python -m evaluation",
     "heal-merged": "heal/train.py",
+    "answers": "python -m heal.answers",
     "demo-data": "python -m demo.data",
     "demo-results": "python -m demo",
     "demo": "python -m demo",  # the demo's work folder: marked when the demo starts, since it fills it stage by stage

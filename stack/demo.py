@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .__main__ import main as stack_main
+from .card import CARD_NAME
 from .source import open_source
 from .tiny import save_tiny_gemma4
 from .verify import verify_loads, verify_tensors
@@ -29,8 +30,10 @@ logger = logging.getLogger("stack.demo")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stack.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("out/demo"), help="where the tiny source and stack are written")
+    parser = argparse.ArgumentParser(prog="python -m stack.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("out/demo"),
+                        help="where the tiny source and stack are written")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  ok  all {count} tensors equal their mapped source tensors (layers, K/V grafts, PLE blocks, towers)\n"
         "  ok  transformers loads it with no missing, unexpected or mismatched keys\n"
         f"  ok  greedy generation runs: {continuation}\n"
-        f"\nthe stack is in {stack_dir}; stack.json there maps every slot to its source layer",
+        f"\nthe stack is in {stack_dir}; stack.json there maps every slot to its source layer, and its model card "
+        f"is {stack_dir / CARD_NAME}",
         flush=True,
     )
     return 0

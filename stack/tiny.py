@@ -31,7 +31,8 @@ TINY_E4B_TEXT = dict(
     max_position_embeddings=512,
     tie_word_embeddings=True,
 )
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16)
 TINY_AUDIO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=64)
 
 # Gemma-style turns; assistant content sits in {% generation %} markers so TRL can build assistant-only loss masks.
@@ -64,7 +65,8 @@ def save_tiny_gemma4(directory: Path, seed: int = 0, **text_overrides) -> Path:
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = Gemma4Config(text_config={**TINY_E4B_TEXT, **text_overrides}, vision_config=TINY_VISION, audio_config=TINY_AUDIO)
+    config = Gemma4Config(text_config={**TINY_E4B_TEXT, **text_overrides}, vision_config=TINY_VISION,
+                          audio_config=TINY_AUDIO)
     model = Gemma4ForConditionalGeneration(config)
     _make_every_tensor_distinct(model)
     model.to(torch.bfloat16).save_pretrained(directory)
@@ -94,9 +96,11 @@ def save_tiny_gemma3(directory: Path, num_hidden_layers: int = 6, seed: int = 0)
 
     torch.manual_seed(seed)
     config = Gemma3Config(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=512),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+                         max_position_embeddings=512),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
         mm_tokens_per_image=4,
     )
     model = Gemma3ForConditionalGeneration(config)

@@ -4,15 +4,10 @@
 
 Exit status: 0 when every tensor matches, 1 when one differs (named in the log), 2 for bad input.
 
-Every output tensor is compared with the source tensor the manifest maps it to: slot i's tensors
-with source layer j's (grafted K/V with the donor layer's), PLE blocks with the source's blocks,
-everything else with the same name. Tensors are read lazily, large ones in row blocks. With
---load the stack is also loaded with transformers (no missing, unexpected or mismatched keys) and
-asked to generate; that needs memory for the whole model.
-
-Shards are memory-mapped (safetensors), so the process's RSS grows with the mapped file pages it has
-read (23.9 GB peak verifying the full-size E6B against E4B in 56 s): page cache the kernel can
-reclaim, not allocations.
+Every output tensor is compared with the source tensor the manifest maps it to (grafted K/V with the donor
+layer's, PLE blocks with the source's blocks), read lazily from memory-mapped shards. With --load the stack
+is also loaded with transformers and asked to generate; that needs memory for the whole model.
+Time and memory on the full-size E6B: docs/benchmarks.md, section "Stacker".
 """
 
 from __future__ import annotations
@@ -27,8 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .architectures import Architecture, architecture_named
-from .manifest import load_manifest
+from .manifest import StackManifest, check_manifest_matches_config, load_manifest
 from .source import SourceCheckpoint, open_source
 
 logger = logging.getLogger(__name__)
@@ -43,8 +37,8 @@ class VerifyError(AssertionError):
 def verify_tensors(out_dir: Path, source: SourceCheckpoint) -> int:
     """Raise VerifyError at the first output tensor that differs from its mapped source; return the count."""
     manifest = load_manifest(out_dir)
-    arch = architecture_named(manifest["architecture"])
-    slots = manifest["slots"]
+    check_manifest_matches_config(out_dir, manifest)  # a stale stack.json is bad input (ManifestError), not a diff
+    arch, slots = manifest.arch, manifest.slots
     block_tensors = {f"{arch.text_prefix}{b.suffix}": b for b in arch.layer_block_tensors}
     weight_map = json.loads((out_dir / "model.safetensors.index.json").read_text())["weight_map"]
     with ExitStack() as files:
@@ -57,29 +51,27 @@ def verify_tensors(out_dir: Path, source: SourceCheckpoint) -> int:
 
         for name, shard in weight_map.items():
             got = tensor(out_dir / shard, name)
-            if name in block_tensors:
-                spec = block_tensors[name]
-                want = tensor(source.tensors[name].path, name)
-                width = got.get_shape()[spec.axis] // len(slots)
-                for slot in slots:
-                    starts = (slot["index"] * width, slot["source_layer"] * width)
-                    _compare_block(got, want, spec.axis, starts, width, f"{name} block of slot {slot['index']}")
-                continue
-            source_name = _source_name(arch, slots, name)
+            source_name = name if name in block_tensors else _source_name(manifest, name)
             if source_name not in source.tensors:
                 raise VerifyError(f"{name}: mapped source tensor {source_name!r} is not in {source.model!r}")
-            _compare_whole(got, tensor(source.tensors[source_name].path, source_name), f"{name} vs source {source_name}")
+            want = tensor(source.tensors[source_name].path, source_name)
+            if name in block_tensors:
+                axis = block_tensors[name].axis
+                width = got.get_shape()[axis] // len(slots)
+                for slot in slots:
+                    starts = (slot.index * width, slot.source_layer * width)
+                    _compare_block(got, want, axis, starts, width, f"{name} block of slot {slot.index}")
+            else:
+                _compare_whole(got, want, f"{name} vs source {source_name}")
     return len(weight_map)
 
 
-def _source_name(arch: Architecture, slots: list[dict], name: str) -> str:
-    if not name.startswith(arch.layer_prefix):
+def _source_name(manifest: StackManifest, name: str) -> str:
+    prefix = manifest.layer_prefix
+    if not name.startswith(prefix):
         return name
-    index, suffix = name[len(arch.layer_prefix):].split(".", 1)
-    slot = slots[int(index)]
-    is_kv = arch.kv_sharing is not None and suffix.startswith(arch.kv_sharing.kv_tensor_prefixes)
-    layer = slot["kv_graft_from"] if is_kv and slot["kv_graft_from"] is not None else slot["source_layer"]
-    return f"{arch.layer_prefix}{layer}.{suffix}"
+    index, suffix = name[len(prefix):].split(".", 1)
+    return f"{prefix}{manifest.source_layer_of(manifest.slots[int(index)], suffix)}.{suffix}"
 
 
 def _row_blocks(shape: list[int]) -> list[slice]:
@@ -105,7 +97,9 @@ def _compare_block(got, want, axis: int, starts: tuple[int, int], width: int, wh
 
 def _equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     # Bitwise, so NaN payloads and -0.0 count as the bytes they are.
-    if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)):
+    same_bytes = (a.dtype == b.dtype and a.shape == b.shape
+                  and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+    if not same_bytes:
         raise VerifyError(f"{what}: the bytes differ")
 
 
@@ -123,18 +117,21 @@ def verify_loads(out_dir: Path, prompt_ids: list[int]) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stack.verify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m stack.verify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stack_dir", type=Path, help="a folder written by `python -m stack`")
     parser.add_argument("--source", help="source model folder or hub id (default: the one recorded in stack.json)")
-    parser.add_argument("--load", action="store_true", help="also load with transformers and generate (needs RAM for the model)")
+    parser.add_argument("--load", action="store_true",
+                        help="also load with transformers and generate (needs RAM for the model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        source = open_source(args.source or load_manifest(args.stack_dir)["source"]["model"])
+        source = open_source(args.source or load_manifest(args.stack_dir).source.model)
         count = verify_tensors(args.stack_dir, source)
         logger.info("all %d tensors equal their mapped source tensors", count)
         if args.load:
-            logger.info("loads cleanly; greedy continuation of [2, 10, 20]: %s", verify_loads(args.stack_dir, [2, 10, 20]))
+            continuation = verify_loads(args.stack_dir, [2, 10, 20])
+            logger.info("loads cleanly; greedy continuation of [2, 10, 20]: %s", continuation)
     except VerifyError as error:  # the check ran and failed: the stack differs from its source
         logger.error("%s", error)
         return 1

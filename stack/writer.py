@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .atomic import guard_output_dir, staged_output
+from .card import CARD_NAME, source_facts, write_stack_card
 from .manifest import MANIFEST_NAME, manifest_from_plan
 from .plan import Copy, GatherBlocks, OutputTensor, StackPlan
 from .source import (
@@ -53,7 +54,9 @@ def write_stack(plan: StackPlan, source: SourceCheckpoint, out_dir: Path, force:
         logger.info("waiting for source shard hashes")
         manifest = manifest_from_plan(plan, {name: f.result() for name, f in digests.items()})
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    logger.info("wrote %s", out_dir)
+        # The model card, from the files just written (stack.json, config.json, the shards' headers).
+        write_stack_card(tmp, source_facts(source.model, source.directory), out_dir)
+    logger.info("wrote %s (model card: %s)", out_dir, out_dir / CARD_NAME)
 
 
 def check_output_dir(out_dir: Path, source: SourceCheckpoint, force: bool) -> None:

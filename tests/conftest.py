@@ -57,15 +57,16 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def e4b_fisher(tiny_e4b, tmp_path_factory):
     """fisher.safetensors of the tiny E4B, computed by fisher/ on a few conversations."""
-    from fisher.__main__ import FISHER_FILE, compute_and_write
+    from fisher.__main__ import compute_and_write
     from fisher.config import config_from_dict
+    from fisher.file import FISHER_FILE
 
     from .fisher_support import rows_for, write_jsonl
 
     folder = tmp_path_factory.mktemp("e4b-fisher")
     chat = write_jsonl(folder / "chat.jsonl", rows_for("messages", 8))
-    compute_and_write(config_from_dict({"model": str(tiny_e4b), "datasets": [{"path": str(chat)}], "out": str(folder / "out"),
-                                        "dtype": "float32", "max_length": 64}))
+    compute_and_write(config_from_dict({"model": str(tiny_e4b), "datasets": [{"path": str(chat)}],
+                                        "out": str(folder / "out"), "dtype": "float32", "max_length": 64}))
     return folder / "out" / FISHER_FILE
 
 
@@ -73,9 +74,11 @@ def heal_recipe(path: Path, stack, fisher, chat, output_dir, **overrides) -> Pat
     """A few-step heal of a tiny stack on CPU; `overrides` replace any key."""
     recipe = {
         "stack": str(stack), "fisher": str(fisher) if fisher else None, "datasets": [{"path": str(chat)}],
-        "seam_width": 1, "seam_r": 4, "seam_alpha": 8, "graft_r": 2, "graft_alpha": 4, "mass_share": 0.5, "max_fraction": 0.25,
-        "merge": True, "output_dir": str(output_dir), "max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 5e-2,
-        "weight_decay": 0.5, "max_length": 64, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "seam_width": 1, "seam_r": 4, "seam_alpha": 8, "graft_r": 2, "graft_alpha": 4,
+        "mass_share": 0.5, "max_fraction": 0.25,
+        "merge": True, "output_dir": str(output_dir), "max_steps": 3, "per_device_train_batch_size": 2,
+        "learning_rate": 5e-2, "weight_decay": 0.5, "max_length": 64, "logging_steps": 1, "save_strategy": "no",
+        "report_to": "none",
         "use_cpu": True, "bf16": False, "activation_checkpointing": False, "seed": 0, **overrides,
     }
     path.write_text(yaml.safe_dump(recipe))

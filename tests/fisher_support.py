@@ -25,12 +25,15 @@ def rows_for(format_name: str, count: int = 6, seed: int = 0) -> list[dict]:
     for _ in range(count):
         question, answer = words(rng, rng.randint(2, 9)), words(rng, rng.randint(1, 7))
         if format_name == "messages":
-            rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer},
-                                      {"role": "user", "content": words(rng, 2)}, {"role": "assistant", "content": words(rng, 3)}]})
+            rows.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": answer},
+                                      {"role": "user", "content": words(rng, 2)},
+                                      {"role": "assistant", "content": words(rng, 3)}]})
         elif format_name == "prompt_completion":
             rows.append({"prompt": question, "completion": " " + answer})
         elif format_name == "conversational_prompt_completion":
-            rows.append({"prompt": [{"role": "user", "content": question}], "completion": [{"role": "assistant", "content": answer}]})
+            rows.append({"prompt": [{"role": "user", "content": question}],
+                         "completion": [{"role": "assistant", "content": answer}]})
         elif format_name == "text":
             rows.append({"text": question + " " + answer})
         else:
@@ -72,7 +75,11 @@ def brute_force_fisher(model, examples, mode="empirical", seed=0, num_samples=1)
         input_ids, labels = torch.tensor([example.input_ids]), torch.tensor(example.labels)
         for sample in range(num_samples):
             logits = model(input_ids=input_ids).logits[0]
-            targets = labels if mode == "empirical" else sample_labels(logits.detach(), labels, example_generator(seed, example.example_id, sample, logits.device))
+            if mode == "empirical":
+                targets = labels
+            else:
+                generator = example_generator(seed, example.example_id, sample, logits.device)
+                targets = sample_labels(logits.detach(), labels, generator)
             log_likelihood = -F.cross_entropy(logits[:-1].float(), targets[1:], ignore_index=-100, reduction="sum")
             for (name, _), grad in zip(weights.items(), torch.autograd.grad(log_likelihood, list(weights.values()))):
                 sums[name] += grad.float().square()

@@ -33,7 +33,8 @@ def test_gguf_conversion_round_trips_the_logits(gguf_and_converted):
     ids = torch.randint(0, from_gguf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         dequantized = from_gguf(input_ids=ids).logits
-        # The folder holds the dequantized weights rounded to bf16: the same rounding gives the same logits, bit for bit.
+        # The folder holds the dequantized weights rounded to bf16: the same rounding gives the same logits, bit for
+        # bit.
         # Parameters only: buffers such as RoPE's inv_freq are recomputed in fp32 at load, never saved.
         for param in from_gguf.parameters():
             param.data = param.data.to(torch.bfloat16).to(torch.float32)
@@ -41,6 +42,8 @@ def test_gguf_conversion_round_trips_the_logits(gguf_and_converted):
         reloaded = saved(input_ids=ids).logits
     torch.testing.assert_close(reloaded, rounded, rtol=0, atol=0)
     torch.testing.assert_close(reloaded, dequantized, rtol=0.05, atol=0.5)  # bf16 rounding only
+    # The GGUF header's license is carried into the folder's card, where the stacker's model card finds it.
+    assert (converted / "README.md").read_text().startswith("---\nlicense: apache-2.0\n---\n")
 
 
 def test_reduced_demo_degenerates_raw_and_heals(tmp_path):
@@ -49,3 +52,8 @@ def test_reduced_demo_degenerates_raw_and_heals(tmp_path):
     assert metrics["raw"]["seq_rep_4"] > metrics["source"]["seq_rep_4"], metrics
     assert metrics["heal"]["seq_rep_4"] < metrics["raw"]["seq_rep_4"], metrics
     assert (results.parent / "eval.png").is_file() and "| heal |" in results.read_text()
+    # Every artifact has its model card; the healed ones were rewritten with the evaluation's table.
+    demo = results.parent.parent
+    assert "Raw, do not deploy" in (demo / "raw" / "README.md").read_text()
+    for card in (demo / "heal-heal" / "README.md", demo / "heal-heal" / "merged" / "README.md"):
+        assert "| source |" in card.read_text(), card

@@ -185,7 +185,8 @@ def test_kl_counts_only_the_final_assistant_messages_tokens(tokenizer, chat_rows
     # Independent of evaluation/: where the final assistant message starts and ends, straight from the template.
     spans = []
     for messages in chat_rows:
-        full, prompt = template_ids(tokenizer, messages), template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+        full = template_ids(tokenizer, messages)
+        prompt = template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
         spans.append((full, len(prompt)))
     by_ids = {tuple(full): prompt_length for full, prompt_length in spans}
     garbage = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 5
@@ -240,7 +241,8 @@ def test_kl_matches_unpadded_rows_one_at_a_time(model_a, model_b, tokenizer, cha
 
 def test_a_row_whose_prompt_is_not_a_prefix_is_named(tokenizer, chat_rows):
     odd = copy.deepcopy(tokenizer)
-    odd.chat_template = "{% if not add_generation_prompt %}w9 {% endif %}" + CHAT_TEMPLATE  # the full text gains a first token
+    # The full text gains a first token.
+    odd.chat_template = "{% if not add_generation_prompt %}w9 {% endif %}" + CHAT_TEMPLATE
     with pytest.raises(EvalError, match=r"held-out row 0: .*not a prefix"):
         encode_response_examples(odd, chat_rows, source="held-out")
 
@@ -248,7 +250,8 @@ def test_a_row_whose_prompt_is_not_a_prefix_is_named(tokenizer, chat_rows):
 def test_a_row_without_a_final_assistant_message_is_named(tmp_path, chat_rows):
     rows = [{"messages": m} for m in chat_rows] + [{"messages": chat_rows[0][:-1]}]
     path = write_jsonl(tmp_path / "instruct.jsonl", rows)
-    with pytest.raises(EvalError, match=rf"{path.name} row {len(chat_rows)}: the last message must be the assistant's"):
+    message = rf"{path.name} row {len(chat_rows)}: the last message must be the assistant's"
+    with pytest.raises(EvalError, match=message):
         load_instruct(path)
 
 
@@ -302,7 +305,8 @@ def generate_alone(model, tokenizer, messages, max_new_tokens, min_new_tokens: i
 
 def test_stop_tokens_are_eos_and_end_of_turn(tokenizer):
     vocab = tokenizer.get_vocab()
-    assert stop_token_ids(tokenizer) == sorted([vocab["<eos>"], vocab["<end_of_turn>"]])  # not <unk> for an absent <|im_end|>
+    # Not <unk> for an absent <|im_end|>.
+    assert stop_token_ids(tokenizer) == sorted([vocab["<eos>"], vocab["<end_of_turn>"]])
 
 
 def test_greedy_batches_match_one_prompt_at_a_time(model_a, tokenizer):
@@ -375,8 +379,8 @@ def write_mc_task(folder, rows) -> None:
     data = write_jsonl(folder / "mc.jsonl", rows)
     (folder / f"{TASK}.yaml").write_text(yaml.safe_dump({
         "task": TASK, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "{{question}}", "doc_to_target": "label",
-        "doc_to_choice": "choices",
+        "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "{{question}}",
+        "doc_to_target": "label", "doc_to_choice": "choices",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
     }))
@@ -572,7 +576,8 @@ def test_cli_unknown_reference_exits_2_and_names_it(tiny_a, tmp_path, caplog):
 
 def test_cli_missing_folder_and_other_vocabulary_are_named(tiny_a, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
-        assert main(["--model", f"a={tiny_a}", "--model", f"gone={tmp_path / 'gone'}", "--out", str(tmp_path / "out")]) == 2
+        argv = ["--model", f"a={tiny_a}", "--model", f"gone={tmp_path / 'gone'}", "--out", str(tmp_path / "out")]
+        assert main(argv) == 2
     assert "'gone'" in caplog.text
 
     other_vocab = tmp_path / "other-vocab"
@@ -591,3 +596,48 @@ def test_cli_malformed_model_flag_is_a_usage_error(capsys):
         main(["--model", "no-equals-sign"])
     assert exit_info.value.code == 2
     assert "NAME=DIR" in capsys.readouterr().err
+
+
+def _adapter_on(base_dir, out_dir, seed: int = 0):
+    """A LoRA adapter on `base_dir` with nonzero B (a fresh LoRA is the identity), saved to out_dir."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.save_pretrained(out_dir)  # base_model_name_or_path: base_dir
+    return model.merge_and_unload()
+
+
+def test_an_adapter_folder_is_evaluated_as_its_merged_model(tiny_a, tmp_path, chat_rows):
+    """A heal's checkpoint-N/ (a PEFT adapter) scores exactly as the merged model saved in full: the study evaluates
+    checkpoints without writing a merged copy of each."""
+    merged = _adapter_on(tiny_a, tmp_path / "adapter")
+    merged.save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(tiny_a).save_pretrained(tmp_path / "merged")
+    instruct = write_jsonl(tmp_path / "instruct.jsonl", [{"messages": rows} for rows in chat_rows])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": p} for p in user_prompts(4)])
+    config = EvalConfig(prompts=prompts, instruct=instruct, max_new_tokens=8, fixed_new_tokens=8,
+                        bootstrap_resamples=10)
+    results = evaluate_models({"base": tiny_a, "merged": tmp_path / "merged", "adapter": tmp_path / "adapter"},
+                              "base", config)
+    merged_items, adapter_items = (results["models"][name]["items"] for name in ("merged", "adapter"))
+    assert adapter_items == merged_items
+    assert results["models"]["adapter"]["fixed_continuations"] == results["models"]["merged"]["fixed_continuations"]
+    # Not the base model in disguise: the adapter moved the KL away from 0.
+    assert sum(total for total, _ in adapter_items["kl_to_reference"]) > 1e-4
+
+
+def test_an_adapter_whose_base_is_gone_is_named(tiny_a, tmp_path, caplog):
+    adapter = tmp_path / "adapter"
+    _adapter_on(tiny_a, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "moved-away")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.ERROR):
+        assert main(["--model", f"a={tiny_a}", "--model", f"healed={adapter}", "--out", str(tmp_path / "out")]) == 2
+    assert "moved-away" in caplog.text and str(adapter) in caplog.text

@@ -15,10 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fisher.__main__ import FISHER_FILE, METADATA_KEY, PLOT_FILE, SUMMARY_FILE, compute_and_write, main
+from fisher.__main__ import PLOT_FILE, SUMMARY_FILE, compute_and_write, main
 from fisher.config import config_from_dict
 from fisher.data import load_examples
 from fisher.estimator import Accumulator
+from fisher.file import FISHER_FILE, METADATA_KEY
 from stack.source import read_safetensors_header
 from stack.tiny import save_tiny_decoder, save_tiny_gemma4
 
@@ -46,7 +47,8 @@ def data(tmp_path_factory):
 
 
 def make_config(model, data_path, out, **overrides):
-    base = dict(model=str(model), datasets=[{"path": str(data_path)}], out=str(out), dtype="float32", batch_size=3, max_length=64)
+    base = dict(model=str(model), datasets=[{"path": str(data_path)}], out=str(out), dtype="float32", batch_size=3,
+                max_length=64)
     return config_from_dict({**base, **overrides})
 
 
@@ -63,7 +65,8 @@ def metadata_of(config) -> dict:
 def reference(config, **kwargs):
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
     examples, _ = load_examples(config, AutoTokenizer.from_pretrained(config.model))
-    return brute_force_fisher(model, examples, mode=config.mode, seed=config.seed, num_samples=config.num_samples, **kwargs)
+    return brute_force_fisher(model, examples, mode=config.mode, seed=config.seed, num_samples=config.num_samples,
+                              **kwargs)
 
 
 def assert_fisher_close(actual: dict, expected: dict, rtol=1e-4):
@@ -71,7 +74,8 @@ def assert_fisher_close(actual: dict, expected: dict, rtol=1e-4):
     for name in expected:
         scale = float(expected[name].abs().max())
         assert scale > 0, f"{name}: the reference is all zeros, the comparison would be empty"
-        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=rtol * scale, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ---- exactness -------------------------------------------------------------------------------------------
@@ -80,7 +84,8 @@ def assert_fisher_close(actual: dict, expected: dict, rtol=1e-4):
 @pytest.mark.parametrize("mode", ["empirical", "true"])
 @pytest.mark.parametrize("format_name", FORMATS)
 def test_equals_brute_force_per_example_autograd_llama(llama, data, tmp_path, format_name, mode):
-    config = make_config(llama, data[format_name], tmp_path / "out", mode=mode, num_samples=2 if mode == "true" else 1, seed=7)
+    config = make_config(llama, data[format_name], tmp_path / "out", mode=mode, num_samples=2 if mode == "true" else 1,
+                         seed=7)
     assert_fisher_close(fisher_of(config), reference(config))
 
 
@@ -103,8 +108,10 @@ def test_the_brute_force_comparison_can_fail(llama, data, tmp_path):
     for w in weights.values():
         w.requires_grad_(True)
     total = sum(-torch.nn.functional.cross_entropy(model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1],
-                                                    torch.tensor(e.labels[1:]), ignore_index=-100, reduction="sum") for e in examples)
-    batch_squared = {n: g.square() / len(examples) for n, g in zip(weights, torch.autograd.grad(total, list(weights.values())))}
+                                                    torch.tensor(e.labels[1:]), ignore_index=-100, reduction="sum")
+                for e in examples)
+    grads = torch.autograd.grad(total, list(weights.values()))
+    batch_squared = {n: g.square() / len(examples) for n, g in zip(weights, grads)}
     with pytest.raises(AssertionError):
         assert_fisher_close(batch_squared, expected)
 
@@ -131,9 +138,10 @@ def test_per_token_estimator_is_labelled_approximate(llama, data, tmp_path):
 def test_two_processes_equal_one(llama, data, tmp_path):
     single = fisher_of(make_config(llama, data["messages"], tmp_path / "one"))
     recipe = tmp_path / "fisher.yaml"
-    recipe.write_text(json.dumps(dict(model=str(llama), datasets=[{"path": str(data["messages"])}], out=str(tmp_path / "two"),
-                                      dtype="float32", batch_size=2, max_length=64)))
-    # torchrun-style launch of 2 ranks; ACCELERATE_USE_CPU makes them MULTI_CPU over gloo (`--cpu` would start only one).
+    recipe.write_text(json.dumps(dict(model=str(llama), datasets=[{"path": str(data["messages"])}],
+                                      out=str(tmp_path / "two"), dtype="float32", batch_size=2, max_length=64)))
+    # torchrun-style launch of 2 ranks; ACCELERATE_USE_CPU makes them MULTI_CPU over gloo (`--cpu` would start only
+    # one).
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
                "--dynamo_backend", "no", "-m", "fisher", str(recipe)]
@@ -151,7 +159,8 @@ def test_names_and_shapes_match_the_source_checkpoint(gemma4, data, tmp_path):
     fisher = fisher_of(make_config(gemma4, data["messages"], tmp_path / "out"))
     source = read_safetensors_header(gemma4 / "model.safetensors")
     # Every 2-D tensor of the text decoder layers is a Linear weight (norms and layer_scalar are 1-D).
-    assert set(fisher) == {n for n, info in source.items() if n.startswith("model.language_model.layers.") and len(info.shape) == 2}
+    assert set(fisher) == {n for n, info in source.items()
+                           if n.startswith("model.language_model.layers.") and len(info.shape) == 2}
     for name, values in fisher.items():
         assert tuple(values.shape) == source[name].shape and values.dtype == torch.float32
         assert bool((values >= 0).all()) and bool(values.isfinite().all())
@@ -162,14 +171,16 @@ def test_metadata_summary_and_plot(llama, data, tmp_path):
     fisher_of(config)
     meta = metadata_of(config)
     for key in ("model", "model_shard_sha256", "datasets", "dataset_rows", "examples_used", "skipped_empty_loss_mask",
-                "skipped_nonfinite", "truncated", "loss_tokens", "mode", "max_length", "seed", "approximate", "versions"):
+                "skipped_nonfinite", "truncated", "loss_tokens", "mode", "max_length", "seed", "approximate",
+                "versions"):
         assert key in meta, key
     assert meta["dataset_rows"] == {str(data["prompt_completion"]): 6} and meta["approximate"] is False
     assert meta["truncated"] > 0 and meta["loss_tokens"] > 0 and meta["versions"]["trl"] == "1.16.0"
     summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
     assert set(summary["mass_per_layer"]) == {"0", "1", "2"}
     assert abs(sum(summary["mass_per_type"].values()) - summary["total_mass"]) < 1e-6 * summary["total_mass"]
-    assert 0 < summary["concentration"]["q_proj"]["top1pct_inputs"] <= summary["concentration"]["q_proj"]["top10pct_inputs"] <= 1
+    q_proj = summary["concentration"]["q_proj"]
+    assert 0 < q_proj["top1pct_inputs"] <= q_proj["top10pct_inputs"] <= 1
     assert (tmp_path / "out" / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -185,8 +196,8 @@ def test_tokens_are_exactly_sft_trainers(llama, data, tmp_path):
         trainer = SFTTrainer(
             model=AutoModelForCausalLM.from_pretrained(llama), processing_class=tokenizer,
             train_dataset=load_dataset("json", data_files=str(data[format_name]), split="train"),
-            args=SFTConfig(output_dir=str(tmp_path / "sft"), assistant_only_loss=conversational, report_to=[], max_length=1024,
-                           bf16=False, use_cpu=True, activation_checkpointing=False),
+            args=SFTConfig(output_dir=str(tmp_path / "sft"), assistant_only_loss=conversational, report_to=[],
+                           max_length=1024, bf16=False, use_cpu=True, activation_checkpointing=False),
         )
         theirs = trainer.train_dataset
         assert [e.input_ids for e in ours] == theirs["input_ids"], format_name
@@ -203,7 +214,8 @@ def run_cli(tmp_path, caplog, **config) -> int:
 
 
 def test_missing_column(llama, data, tmp_path, caplog):
-    assert run_cli(tmp_path, caplog, model=str(llama), datasets=[{"path": str(data["text"]), "columns": {"text": "body"}}]) == 2
+    datasets = [{"path": str(data["text"]), "columns": {"text": "body"}}]
+    assert run_cli(tmp_path, caplog, model=str(llama), datasets=datasets) == 2
     assert "has no column(s) ['body']; its columns are ['text']" in caplog.text
     assert not (tmp_path / "out").exists()
 
@@ -215,8 +227,10 @@ def test_columns_in_no_trl_format(llama, tmp_path, caplog):
 
 
 def test_column_mapping_selects_columns(llama, tmp_path):
-    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "w1 w2", "answer": "w3", "id": 1}, {"question": "w4", "answer": "w5 w6", "id": 2}])
-    config = make_config(llama, path, tmp_path / "out", datasets=[{"path": str(path), "columns": {"prompt": "question", "completion": "answer"}}])
+    rows = [{"question": "w1 w2", "answer": "w3", "id": 1}, {"question": "w4", "answer": "w5 w6", "id": 2}]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    columns = {"prompt": "question", "completion": "answer"}
+    config = make_config(llama, path, tmp_path / "out", datasets=[{"path": str(path), "columns": columns}])
     fisher_of(config)
     assert metadata_of(config)["examples_used"] == 2
 
@@ -268,7 +282,7 @@ def poison_one_example(monkeypatch):
     backward order: later layers) have already added that example when the NaN appears."""
     import fisher.__main__ as fisher_main
 
-    original = fisher_main._prepare_for_fisher
+    original = fisher_main.prepare_for_fisher
     poisoned_token = 7  # "w1": rows containing it get a NaN gradient at layer 1's down_proj
 
     def prepare(model, config):
@@ -283,7 +297,7 @@ def poison_one_example(monkeypatch):
 
         model.model.layers[1].mlp.down_proj.register_forward_hook(poison)
 
-    monkeypatch.setattr(fisher_main, "_prepare_for_fisher", prepare)
+    monkeypatch.setattr(fisher_main, "prepare_for_fisher", prepare)
     return poisoned_token
 
 
@@ -293,7 +307,8 @@ def test_nonfinite_examples_are_skipped_exactly(llama, tmp_path, poison_one_exam
     config = make_config(llama, path, tmp_path / "out", max_nonfinite_share=0.5, batch_size=4)
     fisher = fisher_of(config)
     assert metadata_of(config)["skipped_nonfinite"] == 1
-    clean = make_config(llama, write_jsonl(tmp_path / "clean.jsonl", [r for r in rows if "w1 " not in r["text"]]), tmp_path / "ref")
+    clean_rows = write_jsonl(tmp_path / "clean.jsonl", [r for r in rows if "w1 " not in r["text"]])
+    clean = make_config(llama, clean_rows, tmp_path / "ref")
     assert_fisher_close(fisher, reference(clean), rtol=1e-4)
 
 
@@ -322,7 +337,8 @@ def test_parquet_and_save_to_disk_sources_give_the_jsonl_result(llama, data, tmp
     rows.save_to_disk(str(tmp_path / "chat-arrow"))
     expected = fisher_of(make_config(llama, data["messages"], tmp_path / "jsonl"))
     for source in (tmp_path / "chat.parquet", tmp_path / "chat-arrow"):
-        assert_fisher_close(fisher_of(make_config(llama, source, tmp_path / f"out-{source.stem}")), expected, rtol=1e-6)
+        fisher = fisher_of(make_config(llama, source, tmp_path / f"out-{source.stem}"))
+        assert_fisher_close(fisher, expected, rtol=1e-6)
 
 
 def test_datasets_are_mixed_by_weight(llama, data, tmp_path):
@@ -339,10 +355,12 @@ def test_a_chat_template_without_generation_markers_is_a_clear_error(llama, data
     plain.mkdir()
     for path in llama.iterdir():
         (plain / path.name).write_bytes(path.read_bytes())
-    (plain / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    (plain / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     assert run_cli(tmp_path, caplog, model=str(plain), datasets=[{"path": str(data["messages"])}]) == 2
     assert "marks no assistant tokens" in caplog.text and "assistant_only_loss: false" in caplog.text
-    assert run_cli(tmp_path, caplog, model=str(plain), datasets=[{"path": str(data["messages"])}], assistant_only_loss=False) == 0
+    assert run_cli(tmp_path, caplog, model=str(plain), datasets=[{"path": str(data["messages"])}],
+                   assistant_only_loss=False) == 0
 
 
 def test_bf16_weights_accumulate_in_fp32(llama, data, tmp_path):
@@ -493,13 +511,12 @@ class RecordingAccumulator(Accumulator):
 def fisher_in_process(model_dir, data_path, runs: list[dict]):
     """run_fisher on one model object, once per dict of config overrides in `runs`: per run, the accumulator
     (sums, and the modules hooked in each pass), the counts, and how often the LM head module ran."""
-    from fisher.__main__ import _prepare_for_fisher
     from fisher.estimator import decoder_linears
-    from fisher.run import run_fisher
+    from fisher.run import prepare_for_fisher, run_fisher
 
     configs = [make_config(model_dir, data_path, "unused", **overrides) for overrides in runs]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    _prepare_for_fisher(model, configs[0])
+    prepare_for_fisher(model, configs[0])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, _ = load_examples(configs[0], tokenizer)
     head_calls = []
@@ -541,7 +558,7 @@ def poison_top_layer_only(monkeypatch):
     in the lower groups when the top group finds it, and must take it out of them again."""
     import fisher.__main__ as fisher_main
 
-    original = fisher_main._prepare_for_fisher
+    original = fisher_main.prepare_for_fisher
 
     def prepare(model, config):
         original(model, config)
@@ -556,7 +573,7 @@ def poison_top_layer_only(monkeypatch):
 
         model.model.layers[-1].mlp.down_proj.register_forward_hook(poison)
 
-    monkeypatch.setattr(fisher_main, "_prepare_for_fisher", prepare)
+    monkeypatch.setattr(fisher_main, "prepare_for_fisher", prepare)
 
 
 def test_layer_groups_skip_a_nonfinite_example_in_every_group(llama, tmp_path, poison_top_layer_only):

@@ -1,5 +1,6 @@
 """heal/train.py on the tiny E6B, with a Fisher computed by fisher/ on the tiny E4B: the pipeline's
-three stages talking through files. Single process; the DeepSpeed ZeRO runs are not built yet."""
+three stages talking through files, in one process. The DeepSpeed ZeRO-2/3 runs on two processes are in
+tests/test_heal_distributed.py."""
 
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def test_without_protection_the_same_coordinates_change(healed, tiny_e6b, chat, 
     assert main([str(heal_recipe(tmp_path / "heal.yaml", tiny_e6b, None, chat, tmp_path / "out", protect=False))]) == 0
     raw, merged = load_tensors(tiny_e6b), load_tensors(tmp_path / "out" / "merged")
     plan = load_protection(healed / PROTECTION_FILE)
-    changed = [m for m, p in plan.items() if not torch.equal(merged[f"{m}.weight"][:, p.inputs], raw[f"{m}.weight"][:, p.inputs])]
+    changed = [m for m, p in plan.items()
+               if not torch.equal(merged[f"{m}.weight"][:, p.inputs], raw[f"{m}.weight"][:, p.inputs])]
     assert len(changed) == len(plan)
 
 
@@ -102,7 +104,8 @@ def test_missing_manifest(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
 
 
 def test_targets_that_match_nothing(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
-    assert main([str(heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", modules=["qkv_proj"]))]) == 2
+    recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", modules=["qkv_proj"])
+    assert main([str(recipe)]) == 2
     assert "modules ['qkv_proj'] match no Linear of the decoder layers" in caplog.text
 
 
@@ -111,13 +114,15 @@ def test_fisher_from_another_model(tmp_path, tiny_e6b, e4b_fisher, chat, caplog)
     wrong[f"{LAYERS}3.mlp.up_proj.weight"] = torch.ones(7, 7)
     with safe_open(e4b_fisher, "pt") as f:
         save_file(wrong, tmp_path / "wrong.safetensors", metadata=f.metadata())  # fisher's metadata, a wrong shape
-    assert main([str(heal_recipe(tmp_path / "r.yaml", tiny_e6b, tmp_path / "wrong.safetensors", chat, tmp_path / "o"))]) == 2
+    recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, tmp_path / "wrong.safetensors", chat, tmp_path / "o")
+    assert main([str(recipe)]) == 2
     assert f"Fisher tensor '{LAYERS}3.mlp.up_proj.weight' has shape [7, 7]" in caplog.text
 
 
 @pytest.mark.parametrize("share", [0.0, 1.5])
 def test_protected_share_outside_zero_one(tmp_path, tiny_e6b, e4b_fisher, chat, caplog, share):
-    assert main([str(heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", mass_share=share))]) == 2
+    recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", mass_share=share)
+    assert main([str(recipe)]) == 2
     assert f"protection mass_share must be in (0, 1), got {share}" in caplog.text
 
 
@@ -128,7 +133,9 @@ def test_protect_needs_a_fisher(tmp_path, tiny_e6b, chat):
 
 
 def test_qlora_without_a_gpu_is_a_clear_error(tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
-    assert main([str(heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", load_in_4bit=True, merge=False))]) == 2
+    recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", load_in_4bit=True,
+                         merge=False)
+    assert main([str(recipe)]) == 2
     assert "load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes" in caplog.text
 
 
@@ -147,7 +154,8 @@ def test_explicit_targets_heal_a_stack_without_manifest(tmp_path, tiny_e6b, chat
     shutil.copytree(tiny_e6b, stack)
     (stack / "stack.json").unlink()
     targets = [f"{LAYERS}18.mlp.up_proj", f"{LAYERS}18.self_attn.o_proj"]
-    recipe = heal_recipe(tmp_path / "r.yaml", stack, None, chat, tmp_path / "o", protect=False, merge=False, targets=targets)
+    recipe = heal_recipe(tmp_path / "r.yaml", stack, None, chat, tmp_path / "o", protect=False, merge=False,
+                         targets=targets)
     assert main([str(recipe)]) == 0
     adapter = load_file(tmp_path / "o" / "adapter_model.safetensors")
     assert {n.split("base_model.model.")[1].split(".lora_")[0] for n in adapter} == set(targets)

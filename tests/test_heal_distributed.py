@@ -49,15 +49,18 @@ def single_process(tiny_e6b, e4b_fisher, chat, tmp_path_factory) -> dict[str, Pa
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_on_two_processes_matches_one_and_keeps_the_guarantee(stage, objective, single_process, tiny_e6b, e4b_fisher, chat, tmp_path):
+def test_zero_on_two_processes_matches_one_and_keeps_the_guarantee(stage, objective, single_process, tiny_e6b,
+                                                                    e4b_fisher, chat, tmp_path):
     recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "out", max_steps=2,
                          per_device_train_batch_size=GLOBAL_BATCH // 2, use_cpu=False, **OBJECTIVES[objective])
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", f"recipes/accelerate/zero{stage}.yaml",
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch",
+               "--config_file", f"recipes/accelerate/zero{stage}.yaml",
                "--num_processes", "2", "--main_process_port", str(free_port()), "heal/train.py", str(recipe)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "DeepSpeed" in run.stdout + run.stderr
 
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "out")), torch.tensor(losses(single_process[objective])), rtol=2e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "out")), torch.tensor(losses(single_process[objective])),
+                               rtol=2e-3, atol=0)
     assert_protection_holds(tiny_e6b, tmp_path / "out")

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from bench.headers_only_e6b import build as build_headers_only_e6b
 from fisher.file import FisherFileError
 from heal.config import load_config
-from heal.plan import GB, STAGES, _activations, build_heal_plan, format_plan, main, target_layers
+from heal.plan import GB, STAGES, activation_bytes, build_heal_plan, format_plan, main, target_layers
 from heal.protection import ProtectionConfig, ProtectionError, plan_protection, slot_fisher
-from stack.manifest import load_manifest
+from stack.manifest import StackManifest, load_manifest
 
 from .conftest import REPO, SEED_SOURCE_LAYERS, heal_recipe
 from .fisher_support import rows_for, write_jsonl
@@ -103,11 +103,11 @@ def chat(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("plan-data") / "chat.jsonl", rows_for("messages", 4))
 
 
-def source_weight(manifest: dict, module: str) -> str:
+def source_weight(manifest: StackManifest, module: str) -> str:
     """'model.language_model.layers.17.mlp.up_proj' -> the source layer's weight name, through stack.json."""
-    prefix = manifest["layer_prefix"]
+    prefix = manifest.layer_prefix
     slot, suffix = module[len(prefix):].split(".", 1)
-    return f"{prefix}{manifest['slots'][int(slot)]['source_layer']}.{suffix}.weight"
+    return f"{prefix}{manifest.slots[int(slot)].source_layer}.{suffix}.weight"
 
 
 def tiny_plan(tiny_e6b, fisher, chat, tmp_path, **overrides):
@@ -157,7 +157,8 @@ def test_the_plan_refuses_a_fisher_the_heal_would_refuse(tiny_e6b, e4b_fisher, c
         tiny_plan(tiny_e6b, tmp_path / "negative.safetensors", chat, tmp_path)
     other = json.loads(metadata["fisher"])
     other["model_shard_sha256"] = {shard: "0" * 64 for shard in other["model_shard_sha256"]}
-    save_file(load_file(e4b_fisher), tmp_path / "other.safetensors", metadata={**metadata, "fisher": json.dumps(other)})
+    save_file(load_file(e4b_fisher), tmp_path / "other.safetensors",
+              metadata={**metadata, "fisher": json.dumps(other)})
     with pytest.raises(ProtectionError, match="shard"):
         tiny_plan(tiny_e6b, tmp_path / "other.safetensors", chat, tmp_path)
 
@@ -194,10 +195,10 @@ def saved_activation_bytes(stack, targets: list[str], batch: int, length: int) -
 def test_activation_formula_matches_what_autograd_saves(tiny_e6b, chat, tmp_path):
     plan = tiny_plan(tiny_e6b, None, chat, tmp_path, protect=False, per_device_train_batch_size=2, max_length=64)
     measured = saved_activation_bytes(tiny_e6b, [t.name for t in plan.targets], batch=2, length=64)
-    estimated = _activations(plan.shape, target_layers(plan.targets), plan.work)
+    estimated = activation_bytes(plan.shape, target_layers(plan.targets), plan.work)
     assert abs(estimated / measured - 1) < 0.15, (estimated / GB, measured / GB)
     # Negative control: counting every layer, as if the layers below the first LoRA target saved activations too.
-    every_layer = _activations(plan.shape, target_layers(plan.targets) | {0}, plan.work)
+    every_layer = activation_bytes(plan.shape, target_layers(plan.targets) | {0}, plan.work)
     assert abs(every_layer / measured - 1) > 0.15
 
 

@@ -87,7 +87,8 @@ def _with_architecture(monkeypatch, **changes):
 def test_without_ple_resequencing_the_stack_does_not_load(tiny_e4b, monkeypatch):
     """A generic passthrough merger leaves the PLE tensors at 42 blocks: transformers expects 66."""
     _with_architecture(monkeypatch, layer_block_tensors=())
-    with pytest.raises(PlanError, match=r"mismatched model\.language_model\.embed_tokens_per_layer\.weight: plan \[512, 336\]"):
+    message = r"mismatched model\.language_model\.embed_tokens_per_layer\.weight: plan \[512, 336\]"
+    with pytest.raises(PlanError, match=message):
         seed_plan(tiny_e4b)
 
 
@@ -122,8 +123,11 @@ def e4b_with_dead_kv(tiny_e4b, tmp_path_factory):
     generator = torch.Generator().manual_seed(1)
     for layer in range(24, 42):
         head_dim = 32 if layer % 6 == 5 else 16
-        for suffix, shape in (("k_proj.weight", (2 * head_dim, 64)), ("v_proj.weight", (2 * head_dim, 64)), ("k_norm.weight", (head_dim,))):
-            tensors[f"model.language_model.layers.{layer}.self_attn.{suffix}"] = torch.randn(shape, generator=generator).to(torch.bfloat16)
+        shapes = (("k_proj.weight", (2 * head_dim, 64)), ("v_proj.weight", (2 * head_dim, 64)),
+                  ("k_norm.weight", (head_dim,)))
+        for suffix, shape in shapes:
+            values = torch.randn(shape, generator=generator).to(torch.bfloat16)
+            tensors[f"model.language_model.layers.{layer}.self_attn.{suffix}"] = values
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (directory / name).write_bytes((tiny_e4b / name).read_bytes())
@@ -159,6 +163,7 @@ def test_a_plan_whose_kv_roles_disagree_with_transformers_is_rejected(tiny_e4b):
 
 def test_recipe_dtype_must_match_the_checkpoint(tiny_llama, tmp_path, caplog):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("merge_method: passthrough\ndtype: float16\nslices:\n  - sources: [{model: m, layer_range: [0, 6]}]\n")
+    recipe.write_text("merge_method: passthrough\ndtype: float16\n"
+                      "slices:\n  - sources: [{model: m, layer_range: [0, 6]}]\n")
     assert run_stack(recipe, tiny_llama, tmp_path / "out") == 2
     assert "recipe dtype 'float16' but model" in caplog.text and "stores its weights as BF16" in caplog.text

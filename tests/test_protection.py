@@ -3,8 +3,6 @@ after training with weight decay and merge_and_unload (with negative controls)."
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -25,6 +23,7 @@ from heal.protection import (
     save_protection,
     slot_fisher,
 )
+from stack.manifest import load_manifest
 
 from .checkpoints import load_tensors
 from .conftest import SEED_SOURCE_LAYERS
@@ -41,7 +40,8 @@ def test_protected_coordinates_are_the_fewest_covering_the_share():
     assert protected_coordinates(torch.zeros(4), 0.5, 0.5)[0].numel() == 0
 
 
-@pytest.mark.parametrize("field, value", [("mass_share", 0.0), ("mass_share", 1.0), ("max_fraction", 1.5), ("max_fraction", -0.1)])
+@pytest.mark.parametrize("field, value",
+                         [("mass_share", 0.0), ("mass_share", 1.0), ("max_fraction", 1.5), ("max_fraction", -0.1)])
 def test_shares_outside_zero_one_are_rejected(field, value):
     with pytest.raises(ProtectionError, match=f"protection {field} must be in \\(0, 1\\), got {value}"):
         ProtectionConfig(**{field: value})
@@ -49,7 +49,7 @@ def test_shares_outside_zero_one_are_rejected(field, value):
 
 @pytest.fixture(scope="module")
 def manifest(tiny_e6b):
-    return json.loads((tiny_e6b / "stack.json").read_text())
+    return load_manifest(tiny_e6b)
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +72,16 @@ def test_fisher_maps_to_every_slot_holding_the_source_layer(source_fisher, manif
 
 def test_first_copy_only(source_fisher, manifest):
     mapped = slot_fisher(source_fisher, manifest, first_copy_only=True)
-    assert f"{LAYERS}10.mlp.up_proj.weight" in mapped and f"{LAYERS}18.mlp.up_proj.weight" not in mapped  # both are L10
+    # Both are L10.
+    assert f"{LAYERS}10.mlp.up_proj.weight" in mapped and f"{LAYERS}18.mlp.up_proj.weight" not in mapped
 
 
 def test_fisher_from_another_model_names_the_first_mismatch(source_fisher, tiny_e4b):
     shapes = {n: tuple(t.shape) for n, t in load_tensors(tiny_e4b).items()}
     check_fisher_matches(source_fisher, shapes, "tiny")
     wrong = dict(source_fisher, **{f"{LAYERS}0.mlp.down_proj.weight": torch.ones(3, 3)})
-    with pytest.raises(ProtectionError, match=rf"{LAYERS}0\.mlp\.down_proj\.weight' has shape \[3, 3\] but 'tiny' has \[64, 128\]"):
+    message = rf"{LAYERS}0\.mlp\.down_proj\.weight' has shape \[3, 3\] but 'tiny' has \[64, 128\]"
+    with pytest.raises(ProtectionError, match=message):
         check_fisher_matches(wrong, shapes, "tiny")
     with pytest.raises(ProtectionError, match="is not a weight of the stack's source"):
         check_fisher_matches({"model.layers.0.mlp.up_proj.weight": torch.ones(1)}, shapes, "tiny")
@@ -89,7 +91,8 @@ def test_fisher_from_another_model_names_the_first_mismatch(source_fisher, tiny_
 
 SEAM_SLOTS = (17, 18)
 TARGETS = [f"{LAYERS}{slot}.{kind}" for slot in SEAM_SLOTS
-           for kind in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "per_layer_input_gate")]
+           for kind in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                        "per_layer_input_gate")]
 
 
 def heal_steps(stack_dir, plan, protect: bool, bake_before_merge: bool = True):
@@ -114,15 +117,17 @@ def heal_steps(stack_dir, plan, protect: bool, bake_before_merge: bool = True):
 
 @pytest.fixture(scope="module")
 def plan(source_fisher, manifest):
-    return plan_protection(slot_fisher(source_fisher, manifest), TARGETS, ProtectionConfig(mass_share=0.5, max_fraction=0.25))
+    return plan_protection(slot_fisher(source_fisher, manifest), TARGETS,
+                           ProtectionConfig(mass_share=0.5, max_fraction=0.25))
 
 
 def test_protected_directions_are_unchanged_after_training_and_merge(tiny_e6b, plan):
     base, merged = heal_steps(tiny_e6b, plan, protect=True)
     for name, protection in plan.items():
         assert len(protection.inputs) and len(protection.outputs), name
-        assert torch.equal(merged[name][:, protection.inputs], base[name][:, protection.inputs]), f"{name}: ΔW·e_k != 0"
-        assert torch.equal(merged[name][protection.outputs, :], base[name][protection.outputs, :]), f"{name}: e_oᵀ·ΔW != 0"
+        inputs, outputs = protection.inputs, protection.outputs
+        assert torch.equal(merged[name][:, inputs], base[name][:, inputs]), f"{name}: ΔW·e_k != 0"
+        assert torch.equal(merged[name][outputs, :], base[name][outputs, :]), f"{name}: e_oᵀ·ΔW != 0"
         free = torch.ones_like(base[name], dtype=torch.bool)
         free[:, protection.inputs] = False
         free[protection.outputs, :] = False
@@ -144,7 +149,8 @@ def test_without_bake_weight_decay_leaks_into_the_merge(tiny_e6b, plan):
 
 def test_attached_masks_zero_the_adapter_on_protected_inputs(tiny_e6b, plan):
     model = AutoModelForCausalLM.from_pretrained(tiny_e6b, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False))
+    lora = LoraConfig(r=4, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(model, lora)
     attach(peft_model, plan)
     name = TARGETS[2]
     layer = peft_model.base_model.model.get_submodule(name)
@@ -155,11 +161,13 @@ def test_attached_masks_zero_the_adapter_on_protected_inputs(tiny_e6b, plan):
 
 def test_protection_file_round_trips(tmp_path, plan):
     shapes = {name: (64, 64) for name in plan}
-    save_protection(tmp_path / "protection.safetensors", plan, shapes, ProtectionConfig(mass_share=0.5, max_fraction=0.25))
+    config = ProtectionConfig(mass_share=0.5, max_fraction=0.25)
+    save_protection(tmp_path / "protection.safetensors", plan, shapes, config)
     loaded = load_protection(tmp_path / "protection.safetensors")
     assert loaded.keys() == plan.keys()
     for name in plan:
-        assert torch.equal(loaded[name].inputs, plan[name].inputs) and torch.equal(loaded[name].outputs, plan[name].outputs)
+        assert torch.equal(loaded[name].inputs, plan[name].inputs)
+        assert torch.equal(loaded[name].outputs, plan[name].outputs)
         assert loaded[name].input_mass_covered == pytest.approx(plan[name].input_mass_covered)
 
 
@@ -174,7 +182,7 @@ def test_protecting_an_untargeted_module_is_an_error(tiny_e6b, plan):
 
 
 def test_a_fisher_of_another_source_is_refused_unless_allowed(manifest, caplog):
-    fisher_metadata = {"model": "google/gemma-4-E4B", "model_shard_sha256": dict(manifest["source"]["shard_sha256"])}
+    fisher_metadata = {"model": "google/gemma-4-E4B", "model_shard_sha256": dict(manifest.source.shard_sha256)}
     check_fisher_provenance("f.safetensors", fisher_metadata, "s/stack.json", manifest)  # the same shards: accepted
     (shard,) = fisher_metadata["model_shard_sha256"]
     fisher_metadata["model_shard_sha256"][shard] = "0" * 64

@@ -11,14 +11,16 @@ from stack.recipe import RecipeError, load_recipe, parse_recipe, parse_size
 
 from .conftest import REPO, SEED_SOURCE_LAYERS
 
-STACK_RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if "slices" in yaml.safe_load(p.read_text()))
+# Every YAML under recipes/ with a `slices:` block, subfolders included (recipes/demo/mini-e6b.yaml).
+STACK_RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "slices" in yaml.safe_load(p.read_text()))
 
 
-def test_there_are_stack_recipes():
-    assert [p.name for p in STACK_RECIPES] == ["e6b.yaml"]
+def test_the_seed_recipe_is_found_among_the_stack_recipes():
+    # Guards the discovery above: a glob that found nothing would make the parametrized test below vacuous.
+    assert REPO / "recipes" / "e6b.yaml" in STACK_RECIPES
 
 
-@pytest.mark.parametrize("path", STACK_RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", STACK_RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_every_stack_recipe_loads(path: Path):
     recipe = load_recipe(path)
     assert recipe.slices and all(spec.layers for spec in recipe.slices)
@@ -77,9 +79,11 @@ def _slice(layer_range, **extra):
         (_recipe(slices=[_slice([0, 4]), _slice([6, 2])]), "slices[1]: layer_range [6, 2) is empty"),
         (_recipe(slices=[_slice([-1, 2])]), "slices[0]: layer_range [-1, 2) is empty or negative"),
         (_recipe(slices=[_slice([0, "4"])]), "slices[0].sources[0].layer_range must be two integers"),
-        (_recipe(slices=[_slice([0, 4], parameters={"scale": 0.5})]), "slices[0].sources[0].parameters is not supported"),
+        (_recipe(slices=[_slice([0, 4], parameters={"scale": 0.5})]),
+         "slices[0].sources[0].parameters is not supported"),
         (_recipe(slices=[_slice([0, 4], weight=1)]), "slices[0].sources[0]: unknown key(s) ['weight']"),
-        (_recipe(slices=[_slice([0, 4]), {"sources": [{"model": "other", "layer_range": [0, 2]}]}]), "slices name several models"),
+        (_recipe(slices=[_slice([0, 4]), {"sources": [{"model": "other", "layer_range": [0, 2]}]}]),
+         "slices name several models"),
         (_recipe(stack={"max_shard_size": "lots"}), "stack.max_shard_size 'lots' is not a size"),
         (_recipe(stack={"kv_graft_source": "nearest"}), "stack.kv_graft_source 'nearest' must be one of"),
         (_recipe(stack={"shard": "5GB"}), "unknown stack option(s) ['shard']"),
@@ -97,7 +101,8 @@ def test_missing_recipe_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("text, expected", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), (1234, 1234), ("1.5GB", 1_500_000_000)])
+@pytest.mark.parametrize("text, expected", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30),
+                                            (1234, 1234), ("1.5GB", 1_500_000_000)])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 

@@ -43,6 +43,8 @@ def test_stack_30_to_48_verifies_loads_and_answers(smollm2, tmp_path):
                                         add_generation_prompt=True, return_tensors="pt")["input_ids"]
     reply = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
     assert len(reply) > 0  # raw stacks degenerate; the heal issue measures how much
+    # The GGUF's license travels: the conversion's README carries it, and the stack's card inherits it.
+    assert "license: apache-2.0" in (out / "README.md").read_text().split("---")[1]
 
 
 def test_identity_stack_is_bit_exact(smollm2, tmp_path):

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer, Gemma4ForConditionalGeneration
 
 from stack import __version__
+from stack.manifest import load_manifest
 
 from .checkpoints import assert_loads_clean, load_config, load_tensors, logits
 from .conftest import SEED_SOURCE_LAYERS, run_stack, write_recipe
@@ -78,15 +79,18 @@ def test_ple_table_and_projection_are_resequenced(source, stacked):
     assert table.shape == (512, 42 * PLE_BLOCK) and stacked[PLE_TABLE].shape == (512, 66 * PLE_BLOCK)
     assert stacked[PLE_PROJECTION].shape == (66 * PLE_BLOCK, 64)
     for slot, layer in enumerate(SEED_SOURCE_LAYERS):
-        out_cols, src_cols = slice(slot * PLE_BLOCK, (slot + 1) * PLE_BLOCK), slice(layer * PLE_BLOCK, (layer + 1) * PLE_BLOCK)
+        out_cols = slice(slot * PLE_BLOCK, (slot + 1) * PLE_BLOCK)
+        src_cols = slice(layer * PLE_BLOCK, (layer + 1) * PLE_BLOCK)
         assert torch.equal(stacked[PLE_TABLE][:, out_cols], table[:, src_cols]), f"PLE table block of slot {slot}"
-        assert torch.equal(stacked[PLE_PROJECTION][out_cols], projection[src_cols]), f"PLE projection block of slot {slot}"
+        message = f"PLE projection block of slot {slot}"
+        assert torch.equal(stacked[PLE_PROJECTION][out_cols], projection[src_cols]), message
 
 
 def test_everything_else_is_copied_verbatim(source, stacked):
     others = {n for n in source if not n.startswith(LAYERS) and n not in (PLE_TABLE, PLE_PROJECTION)}
     assert others == {n for n in stacked if not n.startswith(LAYERS) and n not in (PLE_TABLE, PLE_PROJECTION)}
-    assert any(n.startswith("model.vision_tower.") for n in others) and any(n.startswith("model.audio_tower.") for n in others)
+    assert any(n.startswith("model.vision_tower.") for n in others)
+    assert any(n.startswith("model.audio_tower.") for n in others)
     assert "model.language_model.per_layer_projection_norm.weight" in others
     for name in others:
         assert torch.equal(stacked[name], source[name]), name
@@ -101,11 +105,13 @@ def test_config_is_resequenced(tiny_e4b, tiny_e6b):
     assert out_text["layer_types"][-1] == "full_attention"
     full_source_layers = {int(k) for k in src_text["per_layer_config"]}
     assert full_source_layers == {5, 11, 17, 23, 29, 35, 41}
-    assert {int(k) for k in out_text["per_layer_config"]} == {i for i, j in enumerate(SEED_SOURCE_LAYERS) if j in full_source_layers}
+    full_slots = {i for i, j in enumerate(SEED_SOURCE_LAYERS) if j in full_source_layers}
+    assert {int(k) for k in out_text["per_layer_config"]} == full_slots
     for key, value in out_text["per_layer_config"].items():
         assert value == src_text["per_layer_config"][f"{SEED_SOURCE_LAYERS[int(key)]:02d}"]
     changed = {"num_hidden_layers", "num_kv_shared_layers", "layer_types", "per_layer_config"}
-    assert {k: v for k, v in out_text.items() if k not in changed} == {k: v for k, v in src_text.items() if k not in changed}
+    unchanged = {k: v for k, v in src_text.items() if k not in changed}
+    assert {k: v for k, v in out_text.items() if k not in changed} == unchanged
     assert {k: v for k, v in out.items() if k != "text_config"} == {k: v for k, v in src.items() if k != "text_config"}
 
 
@@ -131,25 +137,27 @@ def test_tokenizer_chat_template_and_generation_files_are_copied(tiny_e4b, tiny_
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (tiny_e6b / name).read_bytes() == (tiny_e4b / name).read_bytes(), name
     messages = [{"role": "user", "content": "w1 w2"}]
-    render = [AutoTokenizer.from_pretrained(d).apply_chat_template(messages, tokenize=False) for d in (tiny_e4b, tiny_e6b)]
+    render = [AutoTokenizer.from_pretrained(d).apply_chat_template(messages, tokenize=False)
+              for d in (tiny_e4b, tiny_e6b)]
     assert render[0] == render[1] and "<start_of_turn>user" in render[1]
 
 
 def test_manifest(tiny_e4b, tiny_e6b):
-    manifest = json.loads((tiny_e6b / "stack.json").read_text())
-    assert manifest["stacker_version"] == __version__
-    assert manifest["source"]["num_hidden_layers"] == 42 and manifest["num_hidden_layers"] == 66
-    assert manifest["source"]["shard_sha256"] == {"model.safetensors": hashlib.sha256((tiny_e4b / "model.safetensors").read_bytes()).hexdigest()}
-    assert [s["source_layer"] for s in manifest["slots"]] == SEED_SOURCE_LAYERS
-    assert [s["slot"] for s in manifest["seams"]] == [18, 34, 50]
-    assert [(s["from_layer"], s["to_layer"]) for s in manifest["seams"]] == [(17, 10), (25, 18), (33, 26)]
-    assert [s["index"] for s in manifest["slots"] if s["on_seam"]] == [17, 18, 33, 34, 49, 50]
-    roles = {s["index"]: (s["kv_role"], s["kv_graft_from"]) for s in manifest["slots"]}
+    manifest = load_manifest(tiny_e6b)
+    assert manifest.stacker_version == __version__
+    assert manifest.source.num_hidden_layers == 42 and manifest.num_hidden_layers == 66
+    shard_sha256 = hashlib.sha256((tiny_e4b / "model.safetensors").read_bytes()).hexdigest()
+    assert manifest.source.shard_sha256 == {"model.safetensors": shard_sha256}
+    assert [s.source_layer for s in manifest.slots] == SEED_SOURCE_LAYERS
+    assert [s.slot for s in manifest.seams] == [18, 34, 50]
+    assert [(s.from_layer, s.to_layer) for s in manifest.seams] == [(17, 10), (25, 18), (33, 26)]
+    assert [s.index for s in manifest.slots if s.on_seam] == [17, 18, 33, 34, 49, 50]
+    roles = {s.index: (s.kv_role, s.kv_graft_from) for s in manifest.slots}
     assert roles[32] == roles[33] == ("grafted", 22)
     assert roles[38] == roles[39] == ("producer", None)
     assert all(roles[i] == ("reuse", None) for i in SHARED_TAIL)
     assert all(roles[i] == ("own", None) for i in range(32))
-    assert manifest["recipe"]["slices"][1]["sources"][0]["layer_range"] == [10, 26]
+    assert manifest.recipe["slices"][1]["sources"][0]["layer_range"] == [10, 26]
 
 
 def test_identity_topology_reproduces_source_logits_bit_exactly(tiny_e4b, tmp_path):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from stack.tiny import save_tiny_decoder, save_tiny_gemma3
-
+from stack.manifest import load_manifest
 from stack.source import open_source
+from stack.tiny import save_tiny_decoder, save_tiny_gemma3
 from stack.verify import verify_tensors
 
 from .checkpoints import assert_loads_clean, load_config, load_tensors, logits
@@ -31,9 +31,9 @@ def test_llama_overlap_stack_maps_every_tensor(tiny_llama, tmp_path):
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert torch.equal(stacked[name], source[name])
     assert load_config(out)["num_hidden_layers"] == 8
-    manifest = json.loads((out / "stack.json").read_text())
-    assert [s["slot"] for s in manifest["seams"]] == [4]
-    assert {s["kv_role"] for s in manifest["slots"]} == {"own"}
+    manifest = load_manifest(out)
+    assert [s.slot for s in manifest.seams] == [4]
+    assert {s.kv_role for s in manifest.slots} == {"own"}
     assert_loads_clean(out).generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False)
 
 

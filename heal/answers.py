@@ -1,0 +1,325 @@
+"""The source model's own answers to a dataset's prompts: heal data for sequence-level self-distillation.
+
+    python -m heal.answers --model models/e4b-it --data prompts.jsonl --out out/answers [--num-prompts N]
+        [--max-new-tokens 160] [--temperature 0] [--num-samples 1] [--seed 0] [--batch-size 32]
+        [--keep-unfinished] [--device auto] [--dtype auto] [--force]
+
+Prompts: the rows of `python -m evaluation --prompts` ({"prompt": "text"}, {"prompt": [messages]} or
+{"messages": [messages]}, trailing assistant turns dropped), rendered with the chat template and
+add_generation_prompt=True. Answers stop at EOS or an end-of-turn token, or at --max-new-tokens.
+  --temperature 0 (default): one greedy answer per prompt.
+  --temperature T > 0: --num-samples answers per prompt, sampled from the full distribution at temperature T
+                       (top_p 1, top_k 0); the same --seed gives the same answers, also after a resume.
+An answer that reaches the cap without stopping is dropped (followed by the end-of-turn token that the chat
+template adds, it would teach the model to stop mid-sentence) unless --keep-unfinished; the drops are counted.
+
+Outputs, in --out (written beside it, then renamed into place; an --out this stage did not write is refused
+without --force, before any model loads):
+  answers.jsonl  TRL conversational prompt-completion rows ({"prompt": [messages], "completion": [the assistant's
+                 answer]}, so SFT with completion_only_loss trains on the answer only), in prompt order (sample k of
+                 a prompt after sample k-1), with "prompt_index" and "sample" columns (the heal's loader keeps only
+                 "prompt" and "completion").
+  answers.json   the model's and the data's sha256s, the settings, the counts, the mean answer length, the wall
+                 time, the device, dtype and library versions.
+Resumable: prompts are answered in chunks of --batch-size (longest prompts first), each finished chunk saved in
+OUT.partial/; a rerun with the same settings skips the finished chunks, one with other settings is refused
+(--force starts over). OUT.partial/ is deleted once --out is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from evaluation.config import DTYPES, EvalError, resolve_device, resolve_dtype
+from evaluation.generation import Continuation, greedy_continuations, stop_token_ids
+from evaluation.inputs import Messages, chat_ids, length_sorted_batches, load_prompts, pad_batch, pad_id
+from evaluation.run import load_model, load_tokenizer
+from stack.atomic import OutputExistsError, guard_output_dir, staged_output
+from stack.source import SourceError, check_data_present, open_source, sha256_file
+
+logger = logging.getLogger(__name__)
+
+ANSWERS_FILE = "answers.jsonl"
+RECORD_FILE = "answers.json"
+SETTINGS_FILE = "settings.json"  # in OUT.partial: what its chunks were generated with
+SEED_STRIDE = 1_000_003  # chunk c of seed s samples under torch seed s * SEED_STRIDE + c: distinct for c < stride
+VERSIONED = ("torch", "transformers")
+
+
+class AnswersError(ValueError):
+    """Bad input (a flag, the model folder, the data file, the work folder); the CLI reports it and exits with 2."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    prompt_index: int  # row of the (first --num-prompts) prompts
+    sample: int  # 0 .. num_samples-1
+    text: str
+    tokens: int  # generated tokens, the stop token excluded
+    stopped: bool  # False: it reached --max-new-tokens without a stop token
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m heal.answers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model", type=Path, required=True, help="the source model's folder")
+    add("--data", type=Path, required=True, help="JSONL of chat prompts")
+    add("--out", type=Path, required=True, help="output folder")
+    add("--num-prompts", type=int, help="use the first N rows (default: all)")
+    add("--max-new-tokens", type=int, default=160, help="cap of every answer, in tokens")
+    add("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled at this temperature")
+    add("--num-samples", type=int, default=1, help="answers per prompt (sampled only)")
+    add("--seed", type=int, default=0, help="seed of the sampled answers")
+    add("--batch-size", type=int, default=32,
+        help="prompts generated together (times --num-samples rows per generate), and the chunk saved for resuming")
+    add("--keep-unfinished", action="store_true", help="keep answers that reached the cap without stopping")
+    add("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    add("--dtype", choices=("auto", *DTYPES), default="auto")
+    add("--force", action="store_true",
+        help="replace an --out that this stage did not write, and discard an OUT.partial of other settings")
+    return parser
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    for flag in ("max_new_tokens", "num_samples", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise AnswersError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise AnswersError(f"--num-prompts must be at least 1, got {args.num_prompts}; leave it out to use every row")
+    if args.temperature < 0:
+        raise AnswersError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if args.temperature == 0 and args.num_samples > 1:
+        raise AnswersError(f"--num-samples {args.num_samples} with --temperature 0: greedy answers would repeat one "
+                           "another; pass --temperature above 0 to sample, or --num-samples 1")
+
+
+def check_inputs(model_dir: Path, data: Path) -> None:
+    """The cheap checks, before anything is hashed or loaded."""
+    if not (model_dir / "config.json").is_file():
+        raise AnswersError(f"--model {model_dir}: not a model folder (no config.json); pass the source model's "
+                           "folder (save_pretrained output)")
+    if not data.is_file():
+        raise AnswersError(f"--data {data}: no such file; pass a JSONL file of prompts ({{\"prompt\": ...}} or "
+                           "{\"messages\": [...]} rows)")
+    if not data.read_text().strip():
+        raise AnswersError(f"--data {data}: the file is empty; it needs at least one prompt row")
+
+
+def model_identity(model_dir: Path) -> dict:
+    """sha256 of config.json and of every weight shard: names the exact weights the answers came from."""
+    source = open_source(str(model_dir))
+    check_data_present(source)  # a truncated shard fails here, before hours of generation
+    return {"config_sha256": sha256_file(model_dir / "config.json"),
+            "shard_sha256": {shard.name: sha256_file(shard) for shard in source.shards}}
+
+
+def resolve_settings(args: argparse.Namespace, identity: dict, prompts: list[Messages],
+                     device: torch.device, dtype: torch.dtype) -> dict:
+    """Everything that decides the chunks' contents. A resume must match it exactly; paths are left out, so a
+    moved model or data file with the same bytes still resumes."""
+    return {
+        "model": identity,
+        "data_sha256": sha256_file(args.data),
+        "num_prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "device": device.type,  # GPU and CPU kernels round differently: their answers differ
+        "dtype": str(dtype).removeprefix("torch."),
+        "versions": {name: importlib.metadata.version(name) for name in VERSIONED},
+    }
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.parent / f"{out.name}.partial"
+
+
+def open_work_dir(work: Path, settings: dict, force: bool) -> set[int]:
+    """Create OUT.partial for these settings, or reuse one made with the same settings: the indices of its
+    finished chunks. One with other settings, or a folder that is not a work folder, is refused unless `force`."""
+    if os.path.lexists(work):
+        refusal = _work_dir_refusal(work, settings)
+        if refusal is None:
+            return {int(path.stem.removeprefix("chunk-")) for path in work.glob("chunk-*.jsonl")}
+        if not force:
+            raise AnswersError(f"{refusal}; rerun with the settings it was made with to resume, or pass --force to "
+                               f"delete it and start over")
+        logger.warning("--force: deleting %s (%s)", work, refusal)
+        if work.is_dir() and not work.is_symlink():
+            shutil.rmtree(work)
+        else:
+            work.unlink()
+    work.mkdir(parents=True)
+    (work / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return set()
+
+
+def _work_dir_refusal(work: Path, settings: dict) -> str | None:
+    """Why `work` cannot be resumed with `settings`; None when it can."""
+    try:
+        saved = json.loads((work / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return f"{work} exists but is not a work folder of `python -m heal.answers` (no readable {SETTINGS_FILE})"
+    differing = [key for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
+    if not differing:
+        return None
+    key = differing[0]
+    return (f"{work} holds chunks generated with other settings: {key} was {saved.get(key)!r}, now "
+            f"{settings.get(key)!r}" + (f" (also differing: {', '.join(differing[1:])})" if differing[1:] else ""))
+
+
+def write_chunk(work: Path, index: int, answers: list[Answer]) -> None:
+    """chunk-NNNNN.jsonl, written under a temp name and renamed: a chunk file on disk is always complete."""
+    path = work / f"chunk-{index:05d}.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(asdict(answer), ensure_ascii=False) + "\n" for answer in answers))
+    os.replace(tmp, path)
+
+
+def read_chunks(work: Path, count: int) -> list[Answer]:
+    return [Answer(**json.loads(line)) for index in range(count)
+            for line in (work / f"chunk-{index:05d}.jsonl").read_text().splitlines()]
+
+
+@torch.inference_mode()
+def sampled_continuations(model, tokenizer, encoded: list[list[int]], settings: dict,
+                          chunk_index: int) -> list[Continuation]:
+    """`num_samples` sampled continuations of each prompt (token ids), prompt-major, in one left-padded generate.
+    Seeded per chunk, so a chunk's samples do not depend on which chunks ran before it in this process."""
+    stops, pad = stop_token_ids(tokenizer), pad_id(tokenizer)
+    input_ids, attention_mask = pad_batch(encoded, pad, side="left")
+    torch.manual_seed(settings["seed"] * SEED_STRIDE + chunk_index)
+    output = model.generate(
+        input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+        max_new_tokens=settings["max_new_tokens"], do_sample=True, num_beams=1,
+        num_return_sequences=settings["num_samples"], temperature=settings["temperature"],
+        eos_token_id=stops, pad_token_id=pad,
+        # transformers 5 fills every setting not passed from the checkpoint's generation_config.json (Gemma's
+        # ships top_k 64, top_p 0.95): pin each truncation off, so the samples come from the full distribution.
+        top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0,
+    )  # [prompts * num_samples, prompt width + generated]; a finished row is filled with `pad`
+    continuations = []
+    for row in output[:, input_ids.shape[1]:].tolist():
+        end = next((position for position, token in enumerate(row) if token in stops), None)
+        continuations.append(Continuation(row[:end], stopped=True) if end is not None
+                             else Continuation(row, stopped=False))
+    return continuations
+
+
+def answer_chunk(model, tokenizer, prompts: list[Messages], encoded: list[list[int]], chunk: list[int],
+                 chunk_index: int, settings: dict) -> list[Answer]:
+    """The answers to the prompts whose indices are `chunk`, sample by sample, decoded without special tokens."""
+    if settings["temperature"] == 0:
+        continuations = greedy_continuations(model, tokenizer, [prompts[i] for i in chunk],
+                                             settings["max_new_tokens"], 0, len(chunk)).natural
+    else:
+        continuations = sampled_continuations(model, tokenizer, [encoded[i] for i in chunk], settings, chunk_index)
+    samples = settings["num_samples"]
+    return [Answer(chunk[position // samples], position % samples,
+                   tokenizer.decode(continuation.tokens, skip_special_tokens=True), len(continuation.tokens),
+                   continuation.stopped)
+            for position, continuation in enumerate(continuations)]
+
+
+def assemble(prompts: list[Messages], answers: list[Answer], keep_unfinished: bool) -> tuple[list[dict], dict]:
+    """The TRL rows in prompt order (then sample order), unfinished answers dropped unless kept, and the counts."""
+    answers = sorted(answers, key=lambda answer: (answer.prompt_index, answer.sample))
+    written = [answer for answer in answers if answer.stopped or keep_unfinished]
+    rows = [{"prompt": prompts[answer.prompt_index], "completion": [{"role": "assistant", "content": answer.text}],
+             "prompt_index": answer.prompt_index, "sample": answer.sample} for answer in written]
+    unfinished = sum(not answer.stopped for answer in answers)
+    counts = {
+        "prompts": len(prompts),
+        "answers_generated": len(answers),
+        "answers_written": len(written),
+        "unfinished": unfinished,  # reached the cap without a stop token
+        "unfinished_dropped": 0 if keep_unfinished else unfinished,
+        "empty_answers_written": sum(answer.tokens == 0 for answer in written),
+        "mean_answer_tokens": sum(answer.tokens for answer in written) / len(written) if written else 0.0,
+    }
+    return rows, counts
+
+
+def generate_answers(args: argparse.Namespace, settings: dict, prompts: list[Messages], device: torch.device,
+                     dtype: torch.dtype) -> tuple[list[Answer], int]:
+    """Every chunk's answers, from OUT.partial where finished, else generated and saved there; and how many
+    chunks were resumed."""
+    tokenizer = load_tokenizer(args.model)
+    if not getattr(tokenizer, "chat_template", None):
+        raise AnswersError(f"--model {args.model}: its tokenizer has no chat template, so the prompts cannot be "
+                           "rendered as a chat; pass an instruction-tuned model's folder")
+    encoded = [chat_ids(tokenizer, messages, add_generation_prompt=True) for messages in prompts]
+    chunks = length_sorted_batches(encoded, args.batch_size)  # deterministic: a stable sort of the lengths
+    work = work_dir_for(args.out)
+    finished = open_work_dir(work, settings, args.force)
+    todo = [index for index in range(len(chunks)) if index not in finished]
+    logger.info("%d chunk(s) of up to %d prompts; %d finished in %s, %d to generate", len(chunks),
+                args.batch_size, len(chunks) - len(todo), work, len(todo))
+    if todo:
+        model = load_model(args.model, device, dtype)
+        for index in tqdm(todo, desc="answers", unit="chunk", dynamic_ncols=True):
+            write_chunk(work, index, answer_chunk(model, tokenizer, prompts, encoded, chunks[index], index, settings))
+    return read_chunks(work, len(chunks)), len(chunks) - len(todo)
+
+
+def write_outputs(out: Path, rows: list[dict], record: dict) -> None:
+    with staged_output(out, stage="answers") as tmp:
+        (tmp / ANSWERS_FILE).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    logger.info("wrote %d answers to %s", len(rows), out / ANSWERS_FILE)
+
+
+def run(args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    check_flags(args)
+    guard_output_dir(args.out, "answers", args.force)  # before any model loads: a wrong --out fails in seconds
+    check_inputs(args.model, args.data)
+    prompts = load_prompts(args.data, args.num_prompts)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    settings = resolve_settings(args, model_identity(args.model), prompts, device, dtype)
+    logger.info("settings (keep_unfinished=%s):\n%s", args.keep_unfinished, json.dumps(settings, indent=2))
+    answers, resumed = generate_answers(args, settings, prompts, device, dtype)
+    rows, counts = assemble(prompts, answers, args.keep_unfinished)
+    logger.info("%s", json.dumps(counts))
+    if not rows:  # an empty answers.jsonl is no heal data; the chunks stay in OUT.partial for a rerun to reuse
+        raise AnswersError(f"all {counts['unfinished']} answers reached --max-new-tokens {args.max_new_tokens} "
+                           "without stopping, so none is written; raise --max-new-tokens or pass --keep-unfinished "
+                           f"(a rerun reuses the answers saved in {work_dir_for(args.out)})")
+    record = {
+        "model": str(args.model.resolve()), "data": str(args.data.resolve()), "settings": settings,
+        "keep_unfinished": args.keep_unfinished, "counts": counts, "chunks_resumed": resumed,
+        "wall_seconds": round(time.monotonic() - started, 1),  # this invocation's, resumed chunks not included
+    }
+    write_outputs(args.out, rows, record)
+    shutil.rmtree(work_dir_for(args.out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (AnswersError, EvalError, SourceError, OutputExistsError) as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""demo/study.py and demo/study_report.py without training: the study YAML loads and every run's heal recipe is a
+valid heal config; a result is reused only under its own hash (paths do not count, values do); the report's
+numbers come from the stored items."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from demo import study, study_report
+from demo.run import wants_study
+from heal.config import load_config
+
+MACHINE = {"processor": "x86_64", "cpu_count": 2, "torch_threads": 2, "torch": "2.13.0", "load_average_15min": 1.0}
+DATA_HASHES = {"instruct_train.jsonl": "aa", "prompts.jsonl": "bb"}
+
+
+@pytest.fixture(scope="module")
+def config():
+    return study.load_study()
+
+
+def test_the_study_recipe_loads_and_every_run_is_a_valid_heal(config, tmp_path):
+    """Each run's heal recipe (recipes/demo/heal.yaml + the study's budget + the arm) passes heal.config as is."""
+    assert config.runs and all(run.arm in config.arms for run in config.runs)
+    names = [run.name for run in config.runs]
+    assert len(names) == len(set(names)), "two runs would write the same result file"
+    base = yaml.safe_load((study.RECIPES / "heal.yaml").read_text())
+    for run in config.runs:
+        arm = config.arms[run.arm]
+        recipe = {**base, "num_examples": None, **config.heal, **arm.heal, "seed": run.seed,
+                  "stack": str(tmp_path), "datasets": [{"path": str(tmp_path / "data.jsonl")}],
+                  "fisher": str(tmp_path / "fisher.safetensors") if arm.heal.get("protect") else None,
+                  "output_dir": str(tmp_path / run.name)}
+        path = tmp_path / f"{run.name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        heal, sft = load_config(path)
+        assert heal.protect == bool(arm.heal.get("protect"))
+        assert sft.max_steps == arm.heal.get("max_steps", config.heal["max_steps"]) and sft.seed == run.seed
+        # A constant rate after warmup: checkpoint N is the same adapter as a heal stopped at N (--arm --steps).
+        assert sft.lr_scheduler_type.value == "constant_with_warmup"
+        assert all(step % sft.save_steps == 0 for step in config.eval_steps)
+
+
+def _write_study(tmp_path: Path, edit) -> Path:
+    raw = yaml.safe_load(study.STUDY_RECIPE.read_text())
+    edit(raw)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda raw: raw.update(learning_rate=1.0), "learning_rate"),
+    (lambda raw: raw["runs"].append({"arm": "nosuch", "seed": 0}), "nosuch"),
+    (lambda raw: raw["arms"]["sft"].update(data="web"), "'web'"),
+    (lambda raw: raw.update(eval_steps=[30]), "[30]"),
+    (lambda raw: raw["arms"]["sft"].update(lr=1), "lr"),
+    (lambda raw: raw["answers"].pop("greedy"), "'greedy'"),
+])
+def test_a_bad_study_recipe_is_refused_naming_the_key(tmp_path, edit, named):
+    with pytest.raises(study.StudyConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        study.load_study(_write_study(tmp_path, edit))
+
+
+def test_a_result_is_reused_only_under_its_own_hash(config, tmp_path):
+    run = config.runs[0]
+    key = study.run_key(config, run, DATA_HASHES)
+    study.write_result(tmp_path, run.name, {"name": run.name, "key_hash": study.key_hash(key)})
+    assert study.stored_result(tmp_path, run.name, study.key_hash(key)) is not None
+
+    # A changed budget, another seed, another data file or another evaluation: another hash, so the run re-runs.
+    changed = [
+        dataclasses.replace(config, heal={**config.heal, "learning_rate": 3e-4}),
+        dataclasses.replace(config, evaluation=(*config.evaluation, "--seed", "1")),
+    ]
+    hashes = {study.key_hash(study.run_key(c, run, DATA_HASHES)) for c in changed}
+    hashes.add(study.key_hash(study.run_key(config, dataclasses.replace(run, seed=run.seed + 1), DATA_HASHES)))
+    hashes.add(study.key_hash(study.run_key(config, run, {**DATA_HASHES, "prompts.jsonl": "cc"})))
+    assert study.key_hash(key) not in hashes and len(hashes) == 4
+    for stale in hashes:
+        assert study.stored_result(tmp_path, run.name, stale) is None
+    # Paths are not part of the key: another work folder or results folder reuses the result.
+    assert study.run_key(dataclasses.replace(config, results_dir=Path("elsewhere")), run, DATA_HASHES) == key
+    assert not (tmp_path / f"{run.name}.json.tmp").exists()
+
+
+def test_preset_study_is_routed_to_the_study():
+    assert wants_study(["--preset", "study", "--report"])
+    assert wants_study(["--preset=study"])
+    assert not wants_study(["--preset", "full"])
+    assert not wants_study(["--workdir", "study"])
+
+
+# ---- the report, from hand-made results with known values -------------------------------------------------
+
+
+def _evaluation(models: dict[str, dict[str, list]]) -> dict:
+    return {"models": {name: {"items": items} for name, items in models.items()}}
+
+
+def _items(loop: float, kl: float, nll: float, n: int = 8) -> dict[str, list]:
+    """n items whose every value is the given one: seq-rep, loop share, KL and NLL sums over 10 tokens each."""
+    return {"fixed_seq_rep_4": [loop] * n, "fixed_loop_rate": [1.0 if loop > 0.2 else 0.0] * n,
+            "kl_to_reference": [[kl * 10, 10]] * n, "perplexity": [[nll * 10, 10]] * n}
+
+
+def _run(arm: str, seed: int, steps: dict[int, dict]) -> dict:
+    return {"name": f"{arm}-s{seed}", "arm": arm, "seed": seed, "wall_seconds": {"heal": 600.0, "evaluate": 60.0},
+            "machine": MACHINE,
+            "train_log": [{"step": s, "num_tokens": 1000.0 * s} for s in range(5, 101, 5)],
+            "evaluation": _evaluation({f"step{step}": items for step, items in steps.items()})}
+
+
+def test_the_report_states_the_stored_numbers_and_the_targets(config, tmp_path):
+    baseline = {"name": "baseline", "wall_seconds": {"evaluate": 30.0},
+                "machine": MACHINE,
+                "evaluation": _evaluation({"source": _items(0.10, 0.0, 4.0), "raw": _items(0.40, 1.0, 5.0)})}
+    study.write_result(tmp_path / "runs", "baseline", baseline)
+    # sft: seeds 0 and 1 differ; the seed-mean is what the table shows. self-distill meets every target at step 100.
+    study.write_result(tmp_path / "runs", "sft-s0", _run("sft", 0, {50: _items(0.30, 0.5, 4.5),
+                                                                      100: _items(0.20, 0.4, 4.4)}))
+    study.write_result(tmp_path / "runs", "sft-s1", _run("sft", 1, {50: _items(0.34, 0.5, 4.5),
+                                                                      100: _items(0.24, 0.4, 4.4)}))
+    study.write_result(tmp_path / "runs", "self-distill-s0",
+                       _run("self-distill", 0, {50: _items(0.2, 0.3, 4.2), 100: _items(0.12, 0.1, 4.05)}))
+    readme = study_report.write_study_report(config, tmp_path)
+    text = readme.read_text()
+    rows = {line.split(" | ")[0] + "|" + line.split(" | ")[1]: line for line in text.splitlines()
+            if line.startswith("| sft") or line.startswith("| self-distill")}
+    assert "0.320 [0.320, 0.320] (seeds 0.3–0.34)" in rows["| sft (seeds 0,1)|50"]
+    assert rows["| sft (seeds 0,1)|100"].endswith("| none |")
+    # exp(4.05) = 57.4 <= 1.1 * exp(4.0) = 60.1; KL 0.1 <= 0.15; seq-rep 0.12 <= 0.10 + 0.05
+    assert rows["| self-distill (seeds 0)|100"].endswith("| loops, perplexity, kl |")
+    assert "| self-distill | 100 | **-0.100 [-0.100, -0.100]**" in text  # seq-rep 0.12 − mean(0.20, 0.24)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    points = study_report.arm_points(study_report.load_results(tmp_path)[1])
+    assert points["sft"][1]["tokens"] == 100_000 and math.isclose(points["sft"][1]["minutes"], 10.0)
+
+
+def test_paired_difference_of_an_arm_with_itself_contains_zero():
+    rng = np.random.default_rng(0)
+    items = np.stack([rng.uniform(0, 5, 32), rng.integers(5, 20, 32)], axis=1)
+    assert study_report.paired(items, items, "kl_to_reference").contains(0.0)
+    loops = rng.uniform(0, 1, 32)
+    assert study_report.paired(loops, loops, "fixed_seq_rep_4").contains(0.0)
+    assert not study_report.paired(loops + 0.1, loops, "fixed_seq_rep_4").contains(0.0)
+
+
+def test_a_run_file_is_json_of_what_was_written(tmp_path):
+    path = study.write_result(tmp_path, "x", {"name": "x", "value": [1, 2]})
+    assert json.loads(path.read_text()) == {"name": "x", "value": [1, 2]}
+
+
+# ---- the demo's presets (recipes/demo/presets.yaml) --------------------------------------------------------
+
+
+def test_every_demo_preset_loads_and_its_arms_are_valid_heals(tmp_path):
+    from demo.run import ARMS, PRESETS, load_presets
+
+    assert set(PRESETS) == {"full", "reduced"} and PRESETS == load_presets()
+    base = yaml.safe_load((study.RECIPES / "heal.yaml").read_text())
+    for name, preset in PRESETS.items():
+        for arm in preset.arms:
+            recipe = {**base, **preset.heal, **ARMS[arm].overrides, "stack": str(tmp_path),
+                      "datasets": [{"path": "x.jsonl"}], "output_dir": str(tmp_path / arm),
+                      "fisher": "f.safetensors" if ARMS[arm].overrides["protect"] else None}
+            path = tmp_path / f"{name}-{arm}.yaml"
+            path.write_text(yaml.safe_dump(recipe))
+            _, sft = load_config(path)
+            assert sft.max_steps == preset.heal["max_steps"]
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda raw: raw["full"].update(steps=3), "steps"),
+    (lambda raw: raw["reduced"]["arms"].append("nosuch"), "nosuch"),
+])
+def test_a_bad_demo_preset_is_refused_naming_it(tmp_path, edit, named):
+    from demo.run import RECIPES, PresetError, load_presets
+
+    raw = yaml.safe_load((RECIPES / "presets.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "presets.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(PresetError, match=named):
+        load_presets(path)
+
+
+def test_an_arm_that_stops_early_is_evaluated_at_the_steps_it_reaches(config, tmp_path):
+    assert study.steps_of(config, "onpolicy") == [s for s in config.eval_steps if s <= 50]
+    assert study.steps_of(config, "sft") == list(config.eval_steps)
+    with pytest.raises(study.StudyConfigError, match="'sft' stops at max_steps 10"):
+        study.load_study(_write_study(tmp_path, lambda raw: raw["arms"]["sft"]["heal"].update(max_steps=10)))
+
+
+def test_a_rebuild_is_the_runs_heal_stopped_at_the_chosen_step(config, tmp_path):
+    """`--arm A --steps N --seed S` heals with the run's own recipe, stopped at N and merged: with the constant
+    rate, that is the run's checkpoint-N."""
+    space = study.Workspace(tmp_path / "study", config, tmp_path / "cache")
+    space.data.mkdir(parents=True)
+    (space.data / "instruct_train.jsonl").write_text("".join(f'{{"row": {i}}}\n' for i in range(900)))
+    run = study.Run("sft", 1)
+    recipe = yaml.safe_load(space.heal_recipe(run, tmp_path / "runs" / run.name).read_text())
+    rebuilt = yaml.safe_load(space.heal_recipe(run, tmp_path / "rebuild" / "x", max_steps=50, merge=True,
+                                               save_strategy="no").read_text())
+    changed = {key for key in recipe if recipe[key] != rebuilt[key]}
+    assert changed == {"max_steps", "merge", "save_strategy", "output_dir"}
+    assert (rebuilt["max_steps"], rebuilt["merge"], recipe["seed"]) == (50, True, 1)
+    assert len(Path(recipe["datasets"][0]["path"]).read_text().splitlines()) == config.num_train_prompts
+
+
+def test_answer_settings_become_the_answers_flags(config):
+    from heal.answers import make_parser
+
+    assert study.cli_flags({"max_new_tokens": 160, "keep_unfinished": True, "force": False}) == [
+        "--max-new-tokens", 160, "--keep-unfinished"]
+    for settings in config.answers.values():  # every YAML key is a flag python -m heal.answers accepts
+        flags = [str(flag) for flag in study.cli_flags(settings)]
+        make_parser().parse_args(["--model", "m", "--data", "d", "--out", "o", *flags])
