@@ -159,22 +159,30 @@ def _differences(points: dict[str, list[dict]], comparator: str) -> list[str]:
     """Every arm minus the comparator arm at the same steps, paired over items, for the four metrics."""
     if comparator not in points:
         return []
-    lines = [f"Paired differences, arm − {comparator} at the same step (95% bootstrap interval over items; "
-             "bold where it excludes 0):", "",
+    base = {p["step"]: p for p in points[comparator]}
+    pairs = [(arm, point, base[point["step"]]["items"]) for arm, arm_points_list in points.items()
+             if arm != comparator for point in arm_points_list if point["step"] in base]
+    return _difference_table(f"Paired differences, arm − {comparator} at the same step", pairs)
+
+
+def _differences_from_source(points: dict[str, list[dict]], source: dict) -> list[str]:
+    """Every checkpoint minus the source on the same items: how far each arm still is from the source."""
+    pairs = [(arm, point, source["items"]) for arm, arm_points_list in points.items() for point in arm_points_list]
+    return _difference_table("Paired differences, checkpoint − source", pairs)
+
+
+def _difference_table(title: str, pairs: list[tuple[str, dict, dict]]) -> list[str]:
+    if not pairs:
+        return []
+    lines = [f"{title} (95% bootstrap interval over items; bold where it excludes 0):", "",
              "| arm | step | " + " | ".join(METRICS[m][0] for m in METRICS) + " |",
              "|" + "---|" * (len(METRICS) + 2)]
-    base = {p["step"]: p for p in points[comparator]}
-    for arm, arm_points_list in points.items():
-        if arm == comparator:
-            continue
-        for point in arm_points_list:
-            if point["step"] not in base:
-                continue
-            cells = []
-            for metric in METRICS:
-                diff = paired(point["items"][metric], base[point["step"]]["items"][metric], metric)
-                cells.append(f"**{diff.format()}**" if diff.excludes_zero else diff.format())
-            lines.append(f"| {arm} | {point['step']} | {' | '.join(cells)} |")
+    for arm, point, other in pairs:
+        cells = []
+        for metric in METRICS:
+            diff = paired(point["items"][metric], other[metric], metric)
+            cells.append(f"**{diff.format()}**" if diff.excludes_zero else diff.format())
+        lines.append(f"| {arm} | {point['step']} | {' | '.join(cells)} |")
     return lines
 
 
@@ -217,6 +225,8 @@ def write_study_report(config, results_dir: Path) -> Path:
         "![curves](curves.png)",
         "",
         "![pareto](pareto.png)",
+        "",
+        *_differences_from_source(points, refs["source"]),
         "",
         *_differences(points, "sft"),
         "",

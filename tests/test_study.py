@@ -139,6 +139,7 @@ def test_the_report_states_the_stored_numbers_and_the_targets(config, tmp_path):
     # exp(4.05) = 57.4 <= 1.1 * exp(4.0) = 60.1; KL 0.1 <= 0.15; seq-rep 0.12 <= 0.10 + 0.05
     assert rows["| self-distill (seeds 0)|100"].endswith("| loops, perplexity, kl |")
     assert "| self-distill | 100 | **-0.100 [-0.100, -0.100]**" in text  # seq-rep 0.12 − mean(0.20, 0.24)
+    assert "| self-distill | 100 | **0.0200 [0.0200, 0.0200]**" in text  # − the source's 0.10
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     points = study_report.arm_points(study_report.load_results(tmp_path)[1])
