@@ -1,6 +1,6 @@
 """The heal study: every arm's heal curve on the real SmolLM2 experiment, run in resumable parts.
 
-    python -m demo --preset study                         # runs what is not in docs/study yet (~90 min a part)
+    python -m demo --preset study                         # runs what is not in docs/study yet
     python -m demo --preset study --budget-minutes 60     # start no new run after 60 minutes
     python -m demo --preset study --report                # only rebuild docs/study/README.md and its plots
     python -m demo --preset study --arm self-distill --steps 200 --seed 0   # rebuild one healed model
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("out/study"), help="weights and scratch (not in git)")
     parser.add_argument("--budget-minutes", type=float, default=90.0,
-                        help="start no new run after this many minutes (a run takes about 40-50 min on 2 cores)")
+                        help="start no new run after this many minutes (a run took ~35 min alone on 2 cores)")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the stored results")
     parser.add_argument("--arm", help="rebuild this arm's healed model (with --steps and --seed)")
     parser.add_argument("--steps", type=int)
