@@ -85,23 +85,35 @@ def test_a_trainable_student_head_is_refused():
 # ---- the trainer on an identity stack: teacher == student ----------------------------------------------------
 
 
-def one_step_loss_and_lora_grads(stack, teacher, chat, tmp_path):
+def make_trainer(stack, teacher, data, folder, onpolicy: OnPolicyConfig | None = None):
+    """One trainer on the tiny stack (LoRA, no protection) and its first batch: on-policy if `onpolicy` is given,
+    else teacher-forced."""
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from heal.config import load_config
 
-    _, sft = load_config(heal_recipe(tmp_path / "r.yaml", stack, None, chat, tmp_path / "out", protect=False))
+    _, sft = load_config(heal_recipe(folder / "r.yaml", stack, None, data, folder / "out", protect=False))
     torch.manual_seed(0)
-    trainer = DistillationTrainer(
+    kwargs = dict(
         teacher=load_teacher(str(teacher), torch.float32), distill=DistillConfig(alpha=1.0),
         model=AutoModelForCausalLM.from_pretrained(stack, dtype=torch.float32), args=sft,
-        train_dataset=load_dataset("json", data_files=str(chat), split="train"),
+        train_dataset=load_dataset("json", data_files=str(data), split="train"),
         processing_class=AutoTokenizer.from_pretrained(stack),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
     )
-    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    if onpolicy is None:
+        trainer = DistillationTrainer(**kwargs)
+    else:
+        trainer = OnPolicyDistillationTrainer(onpolicy=onpolicy, **kwargs)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; the loss normalizers read it
+    return trainer, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def one_step_loss_and_lora_grads(stack, teacher, chat, tmp_path):
+    trainer, inputs = make_trainer(stack, teacher, chat, tmp_path)
     loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
     grads = [p.grad for n, p in trainer.model.named_parameters() if "lora_" in n]
@@ -217,33 +229,6 @@ def prompts_and_completions(tmp_path_factory):
 
 
 STOPS = [1, 5]  # the tiny tokenizer's <eos> and <end_of_turn> (stack/tiny.py)
-
-
-def make_trainer(stack, teacher, data, folder, onpolicy: OnPolicyConfig | None = None):
-    """One trainer on the tiny stack (LoRA, no protection) and its first batch: on-policy if `onpolicy` is given,
-    else teacher-forced."""
-    from datasets import load_dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from heal.config import load_config
-
-    _, sft = load_config(heal_recipe(folder / "r.yaml", stack, None, data, folder / "out", protect=False))
-    torch.manual_seed(0)
-    kwargs = dict(
-        teacher=load_teacher(str(teacher), torch.float32), distill=DistillConfig(alpha=1.0),
-        model=AutoModelForCausalLM.from_pretrained(stack, dtype=torch.float32), args=sft,
-        train_dataset=load_dataset("json", data_files=str(data), split="train"),
-        processing_class=AutoTokenizer.from_pretrained(stack),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-    )
-    if onpolicy is None:
-        trainer = DistillationTrainer(**kwargs)
-    else:
-        trainer = OnPolicyDistillationTrainer(onpolicy=onpolicy, **kwargs)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; the loss normalizers read it
-    return trainer, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
 ONPOLICY_NEW_TOKENS = 6
