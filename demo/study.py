@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from demo.run import RECIPES, REPO, SOURCE_NAME, _run, _write_recipe
-from stack.atomic import mark_output_dir
+from stack.atomic import mark_output_dir, write_file_atomic
 
 logger = logging.getLogger("demo.study")
 
@@ -181,9 +181,7 @@ def write_result(results_dir: Path, name: str, result: dict) -> Path:
     """Written beside, then renamed: a results file is whole or absent."""
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_file_atomic(path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return path
 
 
@@ -220,9 +218,7 @@ class Workspace:
         path = self.workdir / f"train-{self.config.num_train_prompts}.jsonl"
         if not path.is_file():
             rows = (self.data / "instruct_train.jsonl").read_text().splitlines()[: self.config.num_train_prompts]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("\n".join(rows) + "\n")
-            os.replace(tmp, path)
+            write_file_atomic(path, "\n".join(rows) + "\n")
         return path
 
     def train_data(self, kind: str) -> Path:

@@ -45,7 +45,7 @@ from evaluation.config import DTYPES, EvalError, resolve_device, resolve_dtype
 from evaluation.generation import Continuation, greedy_continuations, stop_token_ids
 from evaluation.inputs import Messages, chat_ids, length_sorted_batches, load_prompts, pad_batch, pad_id
 from evaluation.run import load_model, load_tokenizer
-from stack.atomic import OutputExistsError, guard_output_dir, staged_output
+from stack.atomic import OutputExistsError, guard_output_dir, staged_output, write_file_atomic
 from stack.source import SourceError, check_data_present, open_source, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -184,10 +184,8 @@ def _work_dir_refusal(work: Path, settings: dict) -> str | None:
 
 def write_chunk(work: Path, index: int, answers: list[Answer]) -> None:
     """chunk-NNNNN.jsonl, written under a temp name and renamed: a chunk file on disk is always complete."""
-    path = work / f"chunk-{index:05d}.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(asdict(answer), ensure_ascii=False) + "\n" for answer in answers))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(asdict(answer), ensure_ascii=False) + "\n" for answer in answers)
+    write_file_atomic(work / f"chunk-{index:05d}.jsonl", text)
 
 
 def read_chunks(work: Path, count: int) -> list[Answer]:

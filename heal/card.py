@@ -24,7 +24,8 @@ from pathlib import Path
 
 from heal.config import DISTILLATIONS, HealConfig, HealConfigError
 from heal.protection import PROTECTION_FILE
-from stack.card import CARD_NAME, display_path, ranges, render_card, source_facts, write_text_atomic
+from stack.atomic import write_file_atomic
+from stack.card import CARD_NAME, display_path, ranges, render_card, source_facts
 from stack.manifest import MANIFEST_NAME, ManifestError, load_manifest
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ GROUPS = ("seam", "graft", "other")  # heal/targets.py's LoRA groups
 
 def write_adapter_card(output_dir: Path, heal: HealConfig, groups: dict[str, str], eval_path: Path | None = None):
     """output_dir/README.md, replacing the template PEFT's save_pretrained wrote there."""
-    write_text_atomic(Path(output_dir) / CARD_NAME, heal_card("adapter", heal, groups, output_dir, eval_path))
+    write_file_atomic(Path(output_dir) / CARD_NAME, heal_card("adapter", heal, groups, output_dir, eval_path))
 
 
 def heal_card(kind: str, heal: HealConfig, groups: dict[str, str], output_dir: Path,
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = {t.name: t.group for t in plan_targets(heal, meta_model(Path(heal.stack)), manifest)}
         write_adapter_card(output_dir, heal, groups, args.eval)
         if (output_dir / "merged").is_dir():
-            write_text_atomic(output_dir / "merged" / CARD_NAME, heal_card("merged", heal, groups, output_dir,
+            write_file_atomic(output_dir / "merged" / CARD_NAME, heal_card("merged", heal, groups, output_dir,
                                                                            args.eval))
     except (*USER_ERRORS, ManifestError) as error:
         logger.error("%s", error)

@@ -95,6 +95,13 @@ def _preview(out_dir: Path, entries: list[str]) -> str:
     return ", ".join(shown) + (f" and {more} more" if more else "")
 
 
+def write_file_atomic(path: Path, text: str) -> None:
+    """One file, written beside under a temp name and renamed: on disk it is whole or absent."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def staged_output(out_dir: Path, *, stage: str) -> Iterator[Path]:
     """Yield a fresh temp folder beside `out_dir`. If the block finishes, the temp folder, marked as `stage`'s,

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from .architectures import Architecture
+from .atomic import write_file_atomic
 from .manifest import StackManifest, load_manifest
 from .plan import Seam, Slot
 from .recipe import load_recipe
@@ -123,7 +124,7 @@ def write_stack_card(folder: Path, source: SourceFacts, out_dir: Path) -> str:
     """README.md into `folder` (the stack being written, or an existing one); `out_dir` is where it will live,
     for the rebuild command. Returns the card."""
     card = stack_card(folder, source, out_dir)
-    write_text_atomic(Path(folder) / CARD_NAME, card)
+    write_file_atomic(Path(folder) / CARD_NAME, card)
     return card
 
 
@@ -393,12 +394,6 @@ def render_card(data: dict[str, Any], body: str) -> str:
             raise CardError(f"internal: the card's front matter reads back {key}={parsed.get(key)!r}, "
                             f"expected {value!r}")
     return text
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------

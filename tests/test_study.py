@@ -88,7 +88,7 @@ def test_a_result_is_reused_only_under_its_own_hash(config, tmp_path):
         assert study.stored_result(tmp_path, run.name, stale) is None
     # Paths are not part of the key: another work folder or results folder reuses the result.
     assert study.run_key(dataclasses.replace(config, results_dir=Path("elsewhere")), run, DATA_HASHES) == key
-    assert not (tmp_path / f"{run.name}.json.tmp").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f"{run.name}.json"]  # no temp file left
 
 
 def test_preset_study_is_routed_to_the_study():
