@@ -1,12 +1,6 @@
-"""Synthetic bf16 checkpoints for the benchmarks: real tensor names and shapes, random bytes.
-
-Names and shapes come from instantiating the transformers model on the meta device, so they are
-exactly the keys `save_pretrained` would write (tied weights left out, Gemma-4's KV-shared layers
-without k_proj/v_proj/k_norm). The tensor bytes are streamed into hand-written safetensors files
-from one reusable random buffer, so no tensor or shard is ever held in memory.
-
-A finished checkpoint DIR is marked by DIR.complete.json, written last and outside DIR so the
-stacker (which copies every non-weight file of its source) never sees it.
+"""Synthetic checkpoints for the benchmarks: bf16 checkpoints with real tensor names and shapes and random bytes,
+streamed into hand-written safetensors files from one reusable random buffer (no tensor or shard is ever held in
+memory), and the tiny stacked E6B the heal benchmarks train. What each benchmark measures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,11 +26,15 @@ from transformers import (
     PreTrainedConfig,
 )
 
+from core.files import encode_safetensors_header
+from stack.__main__ import main as stack_main
 from stack.plan import greedy_shards, saved_tensor_shapes
-from stack.source import encode_safetensors_header
+from stack.tiny import save_tiny_gemma4
 from stack.writer import shard_file_names
 
 logger = logging.getLogger(__name__)
+
+SEED_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "e6b.yaml"
 
 BF16_BYTES = 2
 RANDOM_BUFFER_BYTES = 64 << 20  # 64 MiB of random bf16 values, reused for every tensor
@@ -95,21 +93,16 @@ def gemma4_e4b(scale: float) -> SyntheticModel:
 def llama_24() -> SyntheticModel:
     """A 24-layer Llama, 0.81 GB in bf16: the mergekit comparison model. Small enough for any disk,
     so it is never scaled and the comparison means the same at every --scale."""
-    config = LlamaConfig(
-        hidden_size=1024,
-        intermediate_size=3584,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=16,
+                         num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
     config.dtype = "bfloat16"
     return SyntheticModel("llama-24", config, LlamaForCausalLM, scale=1.0)
 
 
 def tensor_shapes(model: SyntheticModel) -> dict[str, tuple[int, ...]]:
-    """Every tensor `save_pretrained` would write, name -> shape, without allocating any weights."""
+    """Every tensor `save_pretrained` would write, name -> shape, without allocating any weights: the model is
+    built on the meta device, so tied weights are left out and Gemma-4's KV-shared layers have no
+    k_proj/v_proj/k_norm, exactly as in a saved checkpoint."""
     return saved_tensor_shapes(model.config.to_dict())[1]
 
 
@@ -168,6 +161,8 @@ def write_index(directory: Path, shapes: dict[str, tuple[int, ...]], shards: lis
 
 
 def completion_marker(directory: Path) -> Path:
+    """DIR.complete.json marks a finished checkpoint DIR: written last, and outside DIR, so the stacker (which
+    copies every non-weight file of its source) never sees it."""
     return directory.with_name(directory.name + ".complete.json")
 
 
@@ -200,3 +195,15 @@ def ensure_checkpoint(model: SyntheticModel, directory: Path) -> int:
     marker.write_text(json.dumps(expected) + "\n")
     logger.info("%s: wrote %s (%.2f GB in %d shard(s))", model.name, directory, total_bytes / 1e9, len(files))
     return total_bytes
+
+
+def tiny_e6b(scratch: Path, **text_overrides) -> Path | None:
+    """A fresh `scratch` holding stack.tiny's E4B-shaped Gemma-4 (`text_overrides` on its text config) in e4b/ and
+    its E6B by the seed recipe in e6b/: the stack's folder, or None when the stacker failed (its log says why)."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    source = save_tiny_gemma4(scratch / "e4b", **text_overrides)
+    stack = scratch / "e6b"
+    if stack_main([str(SEED_RECIPE), "--source", str(source), "--out", str(stack)]) != 0:
+        return None
+    return stack

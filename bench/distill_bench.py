@@ -2,33 +2,23 @@
 
     .venv/bin/python -m bench.distill_bench [--scratch .bench-scratch/distill] [--length 1024] [--steps 4]
 
-The model is a tiny Gemma-4 with E4B's structure and E4B's real vocabulary, 262,144 tokens (PLE
-included), hidden 64: the logits, not the body, dominate memory, as they do for distillation at
-scale. It is stacked with the seed recipe (42 -> 66 layers) and healed by heal/train.py, each variant
-in its own process (peak RSS from wait4), on the same rows of `--length` tokens, batch 1, fp32:
-
-  sft             the SFT label loss (TRL's fused, chunked LM head)
-  distill         alpha 0.5: KL(source ‖ student) in chunks of 256 positions + the label loss
-  distill-1chunk  the same with every position in one chunk: what an unchunked KL costs
-
-Step time is train_runtime / steps from each run's train_results.json (model loading excluded).
+Three variants, sft, distill (chunked KL) and distill-1chunk (every position in one chunk), each a heal/train.py
+run in its own process on a tiny stacked Gemma-4 with E4B's real 262,144-token vocabulary. Method and results:
+docs/benchmarks.md, section "Heal: distillation against SFT".
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import random
-import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
-from bench.measure import run_child
-from stack.__main__ import main as stack_main
-from stack.tiny import save_tiny_gemma4
+from bench.checkpoints import tiny_e6b
+from bench.measure import bench_parser, run_child
+from core.cli import setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 GEMMA_VOCAB = 262_144
@@ -62,18 +52,14 @@ def heal_recipe(path: Path, stack: Path, data: Path, output_dir: Path, length: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.distill_bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scratch", type=Path, default=Path(".bench-scratch/distill"))
-    parser.add_argument("--length", type=int, default=1024, help="tokens per row")
+    setup_logging()
+    parser = bench_parser("python -m bench.distill_bench", __doc__)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--length", type=int, default=1024, help="tokens per row")
+    parser.add_argument("--scratch", type=Path, default=Path(".bench-scratch/distill"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    shutil.rmtree(args.scratch, ignore_errors=True)
-    args.scratch.mkdir(parents=True)
-    source = save_tiny_gemma4(args.scratch / "e4b", vocab_size=GEMMA_VOCAB, vocab_size_per_layer_input=GEMMA_VOCAB)
-    stack = args.scratch / "e6b"
-    if stack_main([str(REPO / "recipes" / "e6b.yaml"), "--source", str(source), "--out", str(stack)]) != 0:
+    stack = tiny_e6b(args.scratch, vocab_size=GEMMA_VOCAB, vocab_size_per_layer_input=GEMMA_VOCAB)
+    if stack is None:
         return 1
     data = write_rows(args.scratch / "rows.jsonl", args.steps + 1, args.length)
     rows = []

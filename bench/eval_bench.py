@@ -4,15 +4,8 @@ non-reference model, and the peak memory of the perplexity as the vocabulary gro
     .venv/bin/python -m bench.eval_bench speed --model DIR --data DIR [--fixed-new-tokens 96]
     .venv/bin/python -m bench.eval_bench memory [--vocab 32768,131072,262144]
 
-speed: demo sizes of today (PRESETS["full"]: 24 prompts, 48 new tokens, 32 --instruct and --text rows, max length
-128, 2 tasks x 40 documents), on the CPU in fp32. DIR is the converted SmolLM2-135M-Instruct (stack.from_gguf) and
-the demo data (python -m demo.data DIR). Each phase runs old then new back to back, so a busy machine slows
-both alike; the reference's forward for the KL is counted in the old KL (it ran once per model) and not in the new
-one (its hidden states are kept from the reference's own evaluation). Writes one JSON line per phase.
-
-memory: a one-layer Llama at hidden 64 with each vocabulary, the NLL of 8 rows of 256 tokens, each run in its own
-process: the old path builds [batch, length, vocab] fp32 logits, the new one 256 positions at a time. Peak RSS
-(wait4) minus that of a process that builds the same model and stops.
+speed takes the converted SmolLM2-135M-Instruct (stack.from_gguf) and the demo data (python -m demo.data DIR), and
+writes one JSON line per phase. Method and results: docs/benchmarks.md, section "Evaluation: `bench.eval_bench`".
 """
 
 from __future__ import annotations
@@ -31,10 +24,12 @@ from pathlib import Path
 import torch
 
 from bench.measure import run_child
+from core.cli import setup_logging
+from core.tokens import pad_id
 from evaluation import likelihood
 from evaluation.config import EvalConfig
 from evaluation.generation import greedy_continuations
-from evaluation.inputs import load_instruct, load_prompts, load_texts, pad_id
+from evaluation.inputs import load_instruct, load_prompts, load_texts
 from evaluation.lm_eval_tasks import lm_eval_items
 from evaluation.run import load_model, load_tokenizer
 
@@ -50,6 +45,8 @@ def old_module():
     """heal/evaluate.py as committed at OLD_COMMIT, imported from a temp file (the working tree no longer has it)."""
     source = subprocess.run(["git", "show", f"{OLD_COMMIT}:heal/evaluate.py"], cwd=REPO, check=True,
                             capture_output=True, text=True).stdout
+    # Its one import of a module that has moved since: the staged output, now in the shared core.
+    source = source.replace("from stack.atomic import staged_output", "from core.outputs import staged_output")
     path = Path(tempfile.mkdtemp()) / "old_evaluate.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_evaluate", path)
@@ -65,8 +62,8 @@ def timed(function) -> float:
     return time.perf_counter() - start
 
 
-def speed(model_dir: Path, data: Path, fixed_new_tokens: int, batch_size: int,
-          generation_batch_size: int) -> list[dict]:
+def speed(model_dir: Path, data: Path, fixed_new_tokens: int, batch_size: int, generation_batch_size: int,
+          only: set[str] | None = None) -> list[dict]:
     old = old_module()
     tokenizer = load_tokenizer(model_dir)
     device, dtype = torch.device("cpu"), torch.float32
@@ -97,6 +94,8 @@ def speed(model_dir: Path, data: Path, fixed_new_tokens: int, batch_size: int,
     }
     rows = []
     for phase, (old_run, new_run) in phases.items():
+        if only and phase not in only:
+            continue
         row = {"phase": phase, "old_s": round(timed(old_run), 2) if old_run else None,
                "new_s": round(timed(new_run), 2), "threads": torch.get_num_threads()}
         print(json.dumps(row), flush=True)
@@ -157,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     speed_parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size,
                               help="the new code's batch size")
     speed_parser.add_argument("--generation-batch-size", type=int, default=EvalConfig.generation_batch_size)
+    speed_parser.add_argument("--phases", help="comma-separated phases to run (default: all)")
     memory_parser = sub.add_parser("memory")
     memory_parser.add_argument("--vocab", default="32768,131072,262144")
     memory_parser.add_argument("--rows", type=int, default=8)
@@ -166,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("path", "vocab", "rows", "length"):
         child.add_argument(name)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(logging.WARNING)
     if args.command == "speed":
-        speed(args.model, args.data, args.fixed_new_tokens, args.batch_size, args.generation_batch_size)
+        speed(args.model, args.data, args.fixed_new_tokens, args.batch_size, args.generation_batch_size,
+              set(args.phases.split(",")) if args.phases else None)
     elif args.command == "memory":
         memory([int(v) for v in args.vocab.split(",")], args.rows, args.length, args.scratch)
     else:

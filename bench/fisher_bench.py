@@ -2,11 +2,8 @@
 
     .venv/bin/python -m bench.fisher_bench [--sequences 16] [--length 256] [--batch-size 4] [--dtype float32]
 
-The model is a random Llama with SmolLM2-135M's shape (30 layers, hidden 576, ffn 1536, vocab
-49152). "plain" is one training step's worth of work per batch: forward, summed token loss,
-backward into every weight's .grad. "fisher" is fisher.run.run_fisher on the same batches: the
-same forward, and a backward whose hooks accumulate exact per-example squared gradients of every
-decoder Linear. Both see identical token ids and loss tokens; each is timed after one warm-up batch.
+"plain" is one training step's work per batch, "fisher" is fisher.run.run_fisher on the same batches, both on a
+random Llama with SmolLM2-135M's shape. Method and results: docs/benchmarks.md, section "Fisher".
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fisher.config import config_from_dict
 from fisher.data import Example
 from fisher.estimator import Accumulator, decoder_linears
-from fisher.run import _pad, prepare_for_fisher, run_fisher
+from fisher.run import pad_examples, prepare_for_fisher, run_fisher
 
 SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
@@ -46,7 +43,7 @@ def plain_step_seconds(model, examples, batch_size) -> float:
 
 
 def _plain_step(model, batch) -> None:
-    input_ids, attention_mask, labels = _pad(batch, 0, torch.device("cpu"))
+    input_ids, attention_mask, labels = pad_examples(batch, 0, torch.device("cpu"))
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
                            reduction="sum")

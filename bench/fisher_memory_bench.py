@@ -3,25 +3,15 @@ fisher/'s chunked LM head, side by side, each in its own process (peak RSS from 
 
     .venv/bin/python -m bench.fisher_memory_bench [--length 2048] [--batch-size 1] [--chunked-batch-size 4]
 
-The model is a tiny Gemma-4 with E4B's structure where it matters here: its real vocabulary (262,144,
-PLE included), final logit soft-capping 30, tied embeddings, sliding and full layers, KV sharing; 12 layers
-of hidden 64, fp32. Every token is a loss token. The variants:
-
-  baseline      build the model and the batch, no Fisher: what every variant holds anyway
-  full-logits   the former path: model(...).logits [B, T, V], log_softmax over it, one backward with
-                fisher/'s hooks (the formula lives here only: fisher/ no longer has it)
-  chunked       fisher.run.run_fisher on the same batch: final hidden states, logits in chunks of
-                `logit_chunk_size` loss positions (default 256)
-  chunked-bN    the same at batch N (the Fisher default is 4; full logits at batch 4 would need > 24 GB)
-
-Time is the wall time of the Fisher batch alone (model building excluded), after no warm-up.
+Variants baseline, full-logits (the former path, whose formula lives only here now), chunked and chunked-bN, on
+a tiny Gemma-4 with E4B's structure and vocabulary. Method and results: docs/benchmarks.md, section "Fisher
+memory: the chunked LM head".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -29,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from bench.measure import run_child
+from bench.measure import markdown_table, run_child
+from core.cli import setup_logging
 
 GEMMA_VOCAB = 262_144
 MODEL_SHAPE = dict(num_hidden_layers=12, num_kv_shared_layers=4, vocab_size=GEMMA_VOCAB,
@@ -58,9 +49,9 @@ def build(length: int, batch_size: int):
 
 def full_logits_batch(model, accumulator, examples) -> None:
     """The former Fisher batch: log_softmax over the full [B, T, V] fp32 logits, then one backward."""
-    from fisher.run import _pad
+    from fisher.run import pad_examples
 
-    input_ids, attention_mask, labels = _pad(examples, 0, torch.device("cpu"))
+    input_ids, attention_mask, labels = pad_examples(examples, 0, torch.device("cpu"))
     with accumulator.hooked():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         targets = labels[:, 1:]
@@ -97,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args.child, args.length, args.batch_size)
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     runs = [("baseline", args.batch_size), ("full-logits", args.batch_size), ("chunked", args.batch_size)]
     if args.chunked_batch_size:
         runs.append(("chunked", args.chunked_batch_size))
@@ -114,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                          "fisher_batch_s": seconds})
     summary = {"length": args.length, "vocab": GEMMA_VOCAB, "threads": torch.get_num_threads(), "runs": rows}
     print(json.dumps(summary, indent=2))
-    print("\n| variant | batch | tokens | peak RSS (GB) | Fisher batch (s) |\n|---|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['variant']} | {row['batch']} | {row['batch'] * args.length} | {row['peak_rss_gb']:.2f} | "
-              f"{row['fisher_batch_s']:.1f} |")
+    print()
+    print(markdown_table(["variant", "batch", "tokens", "peak RSS (GB)", "Fisher batch (s)"],
+                         [[row["variant"], str(row["batch"]), str(row["batch"] * args.length),
+                           f"{row['peak_rss_gb']:.2f}", f"{row['fisher_batch_s']:.1f}"] for row in rows]))
     return 0
 
 

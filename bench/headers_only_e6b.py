@@ -4,10 +4,8 @@ the stacker from a headers-only full-size E4B (real names and shapes, zero bytes
     .venv/bin/python -m bench.headers_only_e6b OUT
     .venv/bin/python -m heal.plan recipes/heal.yaml --stack OUT/gemma-4-E6B-it-raw
 
-OUT/gemma-4-E4B-it holds the E4B's config.json and a model.safetensors that is a header alone;
-OUT/gemma-4-E6B-it-raw holds the config.json and stack.json `python -m stack recipes/e6b.yaml` would
-write (source shard hashes are placeholders: nothing was read). Enough for `python -m heal.plan`,
-which needs no weights; the distillation teacher resolves to OUT/gemma-4-E4B-it through stack.json.
+Enough for `python -m heal.plan`, which reads no weights (stack.json's source shard hashes are placeholders);
+the distillation teacher resolves to OUT/gemma-4-E4B-it, a header-only model.safetensors.
 """
 
 from __future__ import annotations
@@ -19,10 +17,11 @@ import sys
 from pathlib import Path
 
 from bench.checkpoints import gemma4_e4b
+from core.checkpoint import open_source
+from core.files import encode_safetensors_header
 from stack.manifest import MANIFEST_NAME, manifest_from_plan
 from stack.plan import build_plan, saved_tensor_shapes
 from stack.recipe import load_recipe
-from stack.source import encode_safetensors_header, open_source
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_RECIPE = REPO / "recipes" / "e6b.yaml"

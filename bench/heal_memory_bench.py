@@ -2,31 +2,24 @@
 
     .venv/bin/python -m bench.heal_memory_bench [--scratch .bench-scratch/heal-memory] [--length 256] [--batch-size 4]
 
-A Gemma-4 with E4B's structure (42 layers, KV sharing, PLE, towers) at hidden 256 is stacked with the
-seed recipe (42 -> 66 layers) and healed by heal/train.py (LoRA on the seam slots, fp32, 2 steps), with
-activation checkpointing off and on, each in its own process (peak RSS from wait4). A baseline process
-imports the same libraries and loads the tokenizer and data: its peak RSS is the Python/torch runtime,
-subtracted from each heal's. The estimate is heal.plan's, in CPU terms (fp32 weights, no ZeRO, no CUDA
-overhead, the torch LM-head fold), taking the larger of two peaks: loading (fp32 weights + the bf16
-checkpoint pages mapped while they are converted) and training (the memory model's sum).
+Two-step heals of a stacked Gemma-4 with E4B's structure at hidden 256, activation checkpointing off and on, each
+in its own process, against heal.plan's estimate in CPU terms. Method and results: docs/benchmarks.md, section
+"Heal: `--plan`'s memory estimate against a measured peak".
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import random
-import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
-from bench.measure import files_bytes, run_child
+from bench.checkpoints import tiny_e6b
+from bench.measure import bench_parser, files_bytes, run_child
+from core.cli import setup_logging
 from heal.plan import GB, build_heal_plan, load_recipe
-from stack.__main__ import main as stack_main
-from stack.tiny import save_tiny_gemma4
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTHS = dict(hidden_size=256, intermediate_size=1024, vocab_size=4096, vocab_size_per_layer_input=4096,
@@ -66,18 +59,14 @@ def estimate(recipe: Path, stack: Path) -> tuple[dict[str, int], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.heal_memory_bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("python -m bench.heal_memory_bench", __doc__)
     parser.add_argument("--scratch", type=Path, default=Path(".bench-scratch/heal-memory"))
     parser.add_argument("--length", type=int, default=256, help="tokens per row")
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    shutil.rmtree(args.scratch, ignore_errors=True)
-    args.scratch.mkdir(parents=True)
-    source = save_tiny_gemma4(args.scratch / "e4b", **WIDTHS)
-    stack = args.scratch / "e6b"
-    if stack_main([str(REPO / "recipes" / "e6b.yaml"), "--source", str(source), "--out", str(stack)]) != 0:
+    setup_logging()
+    stack = tiny_e6b(args.scratch, **WIDTHS)
+    if stack is None:
         return 1
     data = write_rows(args.scratch / "rows.jsonl", 4 * args.batch_size, args.length, WIDTHS["vocab_size"])
     baseline = run_child([sys.executable, "-c", BASELINE, str(stack), str(data)], args.scratch / "baseline.log")

@@ -6,6 +6,7 @@ the stack writes, fsynced: no tool that reads the source and writes the output c
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import time
@@ -99,3 +100,15 @@ def io_floor(source_files: list[Path], scratch_file: Path, output_bytes: int) ->
     scratch_file.unlink()
     logger.info("I/O floor: %.2f GB written in %.2f s", written / 1e9, seconds)
     return seconds
+
+
+def bench_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A benchmark's command line, its module docstring as the help text."""
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table, the first column left-aligned and the others (numbers) right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

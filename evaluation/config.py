@@ -39,6 +39,14 @@ class EvalConfig:
     min_repeats: int = 3
     min_tail: int = 12
 
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size", "generation_batch_size", "max_length", "logit_chunk_size",
+                     "bootstrap_resamples"):
+            if getattr(self, name) < 1:
+                raise EvalError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.fixed_new_tokens < 0:
+            raise EvalError(f"fixed_new_tokens must be 0 (none) or more, got {self.fixed_new_tokens}")
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

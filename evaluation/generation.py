@@ -10,20 +10,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from evaluation.inputs import Messages, chat_ids, length_sorted_batches, pad_batch, pad_id
-
-# End-of-turn tokens of common chat templates (ChatML, Gemma, Llama 3, Phi-3): generation stops at
-# these as well as at the tokenizer's eos_token, since chat models often end a turn without EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """The tokenizer's EOS and whichever known end-of-turn tokens its vocabulary has. Looked up in the
-    vocabulary: convert_tokens_to_ids maps an unknown token to <unk>, which would then stop generation."""
-    vocab = tokenizer.get_vocab()
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
-    return sorted(set(ids))
+from core.tokens import pad_batch, pad_id, stop_token_ids
+from evaluation.inputs import Messages, chat_ids, length_sorted_batches
 
 
 @dataclass(frozen=True)

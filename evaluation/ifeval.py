@@ -1,19 +1,9 @@
 """Verifiable instruction following: IFEval's checkers (Zhou et al. 2023, "Instruction-Following Evaluation for
-Large Language Models"), for the subset of its instructions that needs no language detector and no NLTK data.
-
-Prompt files are IFEval's JSONL: one {"key", "prompt", "instruction_id_list", "kwargs"} object a line, kwargs a
-list of one dict per instruction (null values are dropped, as IFEval's own loader does; other keys are kept).
-`load_instruction_prompts` validates every row before anything is generated; `score_responses` gives IFEval's
-four numbers: prompt-level (every instruction of a prompt followed) and instruction-level (followed / total over
-all instructions), each strict (the response as generated) and loose (IFEval's eight variants of the response,
-with the first line, the last line or both removed and with or without asterisks; any variant passing counts).
-
-The checks are written out here from IFEval's definitions (google-research/instruction_following_eval, Apache-2.0,
-as packaged in PyPI `if-verifiable` 0.1.2), not imported: that package's IFEval module imports `langdetect` at
-import time and `immutabledict` and `nltk` through its utilities, none of which this project depends on. One
-deviation: IFEval's two case checks also require langdetect to call the response English; here they check only
-the case (the prompts are English, and a response that is all lowercase in another language is rare at 135M).
-Word counts use IFEval's tokenizer, NLTK's RegexpTokenizer(r"\\w+"), which is re.findall(r"\\w+").
+Large Language Models"), for the subset of its instructions that needs no language detector and no NLTK data,
+written out from IFEval's definitions rather than imported. `load_instruction_prompts` validates an IFEval JSONL
+before anything is generated; `score_responses` gives IFEval's four numbers (prompt- and instruction-level,
+strict and loose). The row format, the scores and the one deviation from IFEval: docs/architecture.md, section
+"IFEval: `evaluation/ifeval.py`".
 """
 
 from __future__ import annotations
@@ -24,6 +14,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from core.files import JsonlError, numbered_jsonl
 
 # IFEval's comparison relations for length constraints: "less than" is <, "at least" is >=.
 RELATIONS = ("less than", "at least")
@@ -244,14 +236,14 @@ def parse_row(row: object) -> InstructionPrompt:
 def load_instruction_prompts(path: str | Path) -> list[InstructionPrompt]:
     """Every row of an IFEval-format JSONL, validated before any is used."""
     path = Path(path)
+    try:
+        rows = numbered_jsonl(path)
+    except JsonlError as error:
+        raise InstructionError(f"{path}, row {error.line}: {error.problem}; fix or remove the row") from None
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in rows:
         try:
-            prompts.append(parse_row(json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise InstructionError(f"{path}, row {number}: not valid JSON ({error.msg})") from None
+            prompts.append(parse_row(row))
         except InstructionError as error:
             raise InstructionError(f"{path}, row {number}: {error}; fix or remove the row") from None
     if not prompts:

@@ -1,39 +1,24 @@
 """From input files to token batches: the JSONL readers (row formats in `python -m evaluation --help`), chat
-templating, and padding."""
+templating, and length-sorted batches (padding: core.tokens)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from core.files import JsonlError, read_jsonl
 from evaluation.config import EvalError
 
 Messages = list[dict[str, str]]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The objects of a JSONL file, in order (blank lines skipped); errors name the file and row."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"{path}: no such file")
-    rows = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise EvalError(f"{path} line {line_number}: not JSON ({error})") from None
-        if not isinstance(row, dict):
-            raise EvalError(f"{path} row {len(rows)}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    if not rows:
-        raise EvalError(f"{path}: no rows")
-    return rows
+def _read_rows(path: Path, limit: int | None) -> list[dict]:
+    """The first `limit` rows of a JSONL input; a missing or malformed file is an EvalError naming the line."""
+    try:
+        return read_jsonl(path)[:limit]
+    except JsonlError as error:
+        raise EvalError(str(error)) from None
 
 
 def _check_messages(messages: Any, where: str) -> Messages:
@@ -50,7 +35,7 @@ def load_prompts(path: Path, limit: int | None = None) -> list[Messages]:
     """Chat prompts, each ending before the assistant's turn: {"prompt": "text"}, {"prompt": [messages]} or
     {"messages": [messages]} rows, trailing assistant turns dropped (so a chat file can serve as prompts)."""
     prompts = []
-    for index, row in enumerate(read_jsonl(path)[:limit]):
+    for index, row in enumerate(_read_rows(path, limit)):
         where = f"{path} row {index}"
         if isinstance(row.get("prompt"), str):
             messages = [{"role": "user", "content": row["prompt"]}]
@@ -70,7 +55,7 @@ def load_instruct(path: Path, limit: int | None = None) -> list[Messages]:
     """Held-out responses for the KL: TRL "messages" rows whose last message is the assistant's, or
     conversational prompt/completion rows (read as prompt + completion)."""
     rows = []
-    for index, row in enumerate(read_jsonl(path)[:limit]):
+    for index, row in enumerate(_read_rows(path, limit)):
         where = f"{path} row {index}"
         conversational = isinstance(row.get("completion"), list) and isinstance(row.get("prompt"), list)
         messages = _check_messages(row["prompt"] + row["completion"] if conversational else row.get("messages"), where)
@@ -85,7 +70,7 @@ def load_instruct(path: Path, limit: int | None = None) -> list[Messages]:
 def load_texts(path: Path, limit: int | None = None) -> list[str]:
     """{"text": "..."} rows, for the perplexity."""
     texts = []
-    for index, row in enumerate(read_jsonl(path)[:limit]):
+    for index, row in enumerate(_read_rows(path, limit)):
         if not isinstance(row.get("text"), str):
             raise EvalError(f"{path} row {index}: expected a string 'text' field")
         texts.append(row["text"])
@@ -96,23 +81,6 @@ def chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool) -> list
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     # The template writes any BOS itself; letting the tokenizer add special tokens would double it.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def pad_id(tokenizer) -> int:
-    # Padded positions are masked out everywhere, so any id does; EOS when the tokenizer has no pad token.
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (input_ids, attention_mask), both [batch, longest], padded on `side` ("left"/"right")."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, tokens in enumerate(sequences):
-        span = slice(width - len(tokens), width) if side == "left" else slice(0, len(tokens))
-        ids[row, span] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
 
 
 def length_sorted_batches(sequences: Sequence[Sequence[int]], size: int) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """Teacher-forced scores, per row: the KL to the reference over each row's final assistant message, and the NLL
 of each text row. The backbone's final hidden states go through the LM head `chunk_size` positions at a time in
-fp32 (fisher.head.LogitHead, Gemma's soft-capping included), so no [batch, length, vocab] tensor is built. The
+fp32 (core.logits.LogitHead, Gemma's soft-capping included), so no [batch, length, vocab] tensor is built. The
 reference's hidden states at the response positions are kept once (`ReferenceStates`): each model's KL needs only
 its own forward."""
 
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from core.logits import HiddenCapture, LogitHead, token_log_likelihoods
+from core.tokens import pad_batch
 from evaluation.config import EvalError
-from evaluation.inputs import Messages, chat_ids, length_sorted_batches, pad_batch
-from fisher.head import LogitHead, token_log_likelihoods
-from heal.distill import HiddenCapture
+from evaluation.inputs import Messages, chat_ids, length_sorted_batches
 
 logger = logging.getLogger(__name__)
 

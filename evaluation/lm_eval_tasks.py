@@ -42,8 +42,9 @@ def lm_eval_items(model, tokenizer, tasks: Sequence[str], tasks_dir: Path | None
     tasks are slow to index and would need the hub for their data anyway."""
     # Imported here: lm_eval is only needed with --tasks.
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from evaluation.lm_eval_scorer import SharedContextHFLM
 
     with hub_offline():
         task_manager = TaskManager(include_path=str(tasks_dir) if tasks_dir else None,
@@ -52,7 +53,7 @@ def lm_eval_items(model, tokenizer, tasks: Sequence[str], tasks_dir: Path | None
         if missing:
             raise EvalError(f"lm-eval tasks not found in {tasks_dir or 'the built-in tasks'}: {', '.join(missing)}")
         # HFLM uses a passed-in model on its own device, and tokenizes with the tokenizer's own special-token defaults.
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = SharedContextHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         output = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), task_manager=task_manager, log_samples=True, limit=limit,
             bootstrap_iters=0,  # lm-eval's stderrs are not used: evaluation/stats.py bootstraps the per-doc scores

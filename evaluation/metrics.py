@@ -1,4 +1,5 @@
-"""Pure metrics on token sequences: seq-rep-n, distinct-n and the loop test (defined in evaluation/__init__.py)."""
+"""Pure metrics on token sequences: seq-rep-n, distinct-n and the loop test (defined in docs/architecture.md,
+section "Metrics")."""
 
 from __future__ import annotations
 

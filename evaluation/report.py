@@ -9,8 +9,8 @@ import math
 import re
 from pathlib import Path
 
+from core.outputs import guard_output_dir, staged_output
 from evaluation.stats import Interval
-from stack.atomic import guard_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
 

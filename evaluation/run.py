@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.tokens import pad_id, vocabulary_difference
 from evaluation import ifeval, stats
 from evaluation.config import EvalConfig, EvalError, resolve_device, resolve_dtype
 from evaluation.generation import greedy_continuations
-from evaluation.inputs import load_instruct, load_prompts, load_texts, pad_id
+from evaluation.inputs import load_instruct, load_prompts, load_texts
 from evaluation.likelihood import (
     Backbone,
     ReferenceStates,
@@ -91,13 +92,10 @@ def check_models(models: dict[str, Path], reference: str | None) -> dict[str, An
                             f"folder ({ADAPTER_CONFIG})")
     tokenizers = {name: load_tokenizer(Path(path)) for name, path in models.items()}
     baseline = reference if reference is not None else next(iter(models))
-    baseline_vocab = tokenizers[baseline].get_vocab()
     for name, tokenizer in tokenizers.items():
-        vocab = tokenizer.get_vocab()
-        if vocab != baseline_vocab:
-            differing = sorted(set(vocab.items()) ^ set(baseline_vocab.items()))[:3]
-            raise EvalError(f"model {name!r}: its tokenizer's vocabulary ({len(vocab)} tokens) differs from "
-                            f"{baseline!r}'s ({len(baseline_vocab)} tokens), e.g. {differing}")
+        difference = vocabulary_difference(tokenizer, tokenizers[baseline])
+        if difference is not None:
+            raise EvalError(f"model {name!r}: its tokenizer's vocabulary differs from {baseline!r}'s: {difference}")
     return tokenizers
 
 

@@ -1,22 +1,9 @@
 """Percentile-bootstrap confidence intervals for evaluation metrics, and paired intervals for differences.
 
-Every metric is a statistic of items (prompts, rows): a mean of per-item values (`bootstrap_mean`), a ratio of
-sums such as token-weighted KL or NLL per token (`bootstrap_ratio`), or any function of a set of items
-(`bootstrap_statistic`; not for a pooled count such as distinct-2, which a resample's repeated items bias).
-Its interval comes from resampling the items with replacement `num_resamples` times and taking the
-(1 − confidence)/2 and (1 + confidence)/2 percentiles of the statistic over the resamples; the estimate is the
-statistic on the items as given.
-
-A difference between two models scored on the same items (`paired_*`) resamples the items jointly: each resample
-takes the same items for both models, so what the items share (an easy prompt, a hard row) cancels and the
-interval measures only how the models differ. A model against itself gives exactly [0, 0].
-
-Shared resamples: the resampled item indices depend only on (num_items, seed), the first `num_resamples` rows of
-one stream (`_resample_chunks`). So at the same seed every model's interval and every pairwise difference over
-the same items uses the very same resamples, whichever function computes it.
-
-With a single item every resample is that item, so the interval collapses to the estimate: one item carries no
-information about spread.
+A metric is a statistic of items (prompts, rows): `bootstrap_mean`, `bootstrap_ratio`, `bootstrap_statistic`,
+and their `paired_*` forms for two models scored on the same items. At the same seed every interval over the
+same items uses the very same resamples (`_resample_chunks`). The method: docs/architecture.md, section
+"Intervals: `evaluation/stats.py`".
 """
 
 import math

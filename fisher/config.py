@@ -1,16 +1,18 @@
-"""Typed configuration of a Fisher run. YAML keys are the field names; unknown keys are an error.
+"""Typed configuration of a Fisher run. YAML keys are the field names, any one overridable as --key value; unknown
+keys are an error (docs/architecture.md, section "Configuration").
 
-    python -m fisher recipes/fisher.yaml --model DIR --data train.jsonl --out out/fisher
+    python -m fisher recipes/fisher.yaml --model DIR --data train.jsonl --out out/fisher --batch_size 8
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from core.cli import check_keys, check_required, config_values, field_names
+from core.data import DatasetSpec, dataset_specs
 
 MODES = ("empirical", "true")
 ESTIMATORS = ("exact", "per_token")  # per_token: Σ_t g_t² x_t², an approximation, always labelled so
@@ -18,18 +20,6 @@ ESTIMATORS = ("exact", "per_token")  # per_token: Σ_t g_t² x_t², an approxima
 
 class ConfigError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    # A hub dataset name, or a local file / folder (JSONL, JSON, parquet, arrow, or a save_to_disk folder).
-    path: str
-    split: str = "train"
-    name: str | None = None  # hub dataset config name
-    # TRL field -> this dataset's column, e.g. {prompt: question, completion: answer}. Unset: the columns
-    # already use TRL's names (messages | prompt + completion | text).
-    columns: dict[str, str] | None = None
-    weight: float = 1.0  # relative share of `num_examples` when several datasets are mixed
 
 
 @dataclass(frozen=True)
@@ -57,6 +47,18 @@ class FisherConfig:
     # Passes over the data, each hooking one contiguous group of decoder layers: hooked activations and fp32
     # sums on the device shrink to ~1/layer_groups, the forward/backward work grows layer_groups times.
     layer_groups: int = 1
+    # Also accumulate each decoder Linear's K-FAC factors (input and output-gradient second moments, in the same
+    # passes) and write their leading eigenvectors to fisher_factors.safetensors beside fisher.safetensors.
+    factors: bool = False
+    # Each stored basis keeps the fewest leading eigenvectors holding this share of the moment's trace, at most
+    # `factor_max_rank` of them; the heal picks its protected subspace within what is stored.
+    factor_energy_share: float = 0.9
+    factor_max_rank: int = 512
+    # A stack folder (its stack.json): factors only for the source layers of the slots within ±factor_seam_width
+    # of a seam, the slots the heal trains (as HealConfig.seam_width). Unset: every decoder layer (64 GB of fp32
+    # sums for E4B, 18 GB for the seed recipe's seam layers; docs/benchmarks.md).
+    factor_stack: str | None = None
+    factor_seam_width: int = 2
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -70,55 +72,33 @@ class FisherConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.datasets:
             raise ConfigError("datasets is empty; give at least one {path: ...}")
+        self._check_factor_options()
+
+    def _check_factor_options(self) -> None:
+        if not 0 < self.factor_energy_share <= 1:
+            raise ConfigError(f"factor_energy_share {self.factor_energy_share} must be in (0, 1], e.g. 0.9")
+        for name in ("factor_max_rank", "factor_seam_width"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.factor_stack is not None and not self.factors:
+            raise ConfigError(f"factor_stack {self.factor_stack!r} is set but factors is false; set factors: true "
+                              "or remove factor_stack")
 
     @property
     def approximate(self) -> bool:
         return self.estimator != "exact"
 
 
-def load_config(path: str | Path, **overrides: Any) -> FisherConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config {str(path)!r} does not exist; pass a YAML such as recipes/fisher.yaml")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of FisherConfig fields")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    return config_from_dict(raw, str(path))
+def load_config(path: str | Path | None, **overrides: Any) -> FisherConfig:
+    """The FisherConfig of the YAML at `path`, `overrides` (the same keys, e.g. from the command line) on top."""
+    values = config_values(path, field_names(FisherConfig), overrides, "recipes/fisher.yaml", ConfigError)
+    return config_from_dict(values, str(path))
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> FisherConfig:
-    _reject_unknown(raw, FisherConfig, where)
-    datasets = raw.get("datasets")
-    if isinstance(datasets, str):  # --data PATH
-        datasets = [{"path": datasets}]
-    try:
-        return FisherConfig(**{**raw, "datasets": dataset_specs(datasets, where)})
-    except TypeError as error:
-        raise ConfigError(f"{where}: {error}") from None
-
-
-def dataset_specs(datasets: Any, where: str) -> tuple[DatasetSpec, ...]:
-    """A recipe's `datasets:` list (shared by fisher and heal recipes), each entry checked for unknown keys."""
-    if not isinstance(datasets, list):
-        raise ConfigError(f"{where}: datasets must be a list of {{path: ...}} entries")
-    specs = []
-    for i, entry in enumerate(datasets):
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: datasets[{i}] must be a mapping with a 'path'")
-        _reject_unknown(entry, DatasetSpec, f"{where}: datasets[{i}]")
-        try:
-            specs.append(DatasetSpec(**entry))
-        except TypeError as error:  # no `path`
-            raise ConfigError(f"{where}: datasets[{i}]: {error}") from None
-    return tuple(specs)
-
-
-def _reject_unknown(raw: dict[str, Any], cls, where: str) -> None:
-    allowed = {f.name for f in fields(cls)}
-    unknown = set(raw) - allowed
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    check_keys(raw, field_names(FisherConfig), where, ConfigError)
+    check_required(FisherConfig, raw, where, ConfigError)
+    return FisherConfig(**{**raw, "datasets": dataset_specs(raw["datasets"], where)})
 
 
 def config_to_dict(config: FisherConfig) -> dict[str, Any]:

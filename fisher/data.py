@@ -13,19 +13,13 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 
-from .config import DatasetSpec, FisherConfig
+from core.data import DataError, DatasetSpec, check_chat_template, load_trl_datasets
+
+from .config import FisherConfig
 
 logger = logging.getLogger(__name__)
-
-_LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
-TRL_FIELDS = ("messages", "prompt", "completion")
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -72,75 +66,6 @@ def load_examples(config: FisherConfig, tokenizer) -> tuple[list[Example], DataS
     return examples, stats
 
 
-def load_trl_datasets(specs: tuple[DatasetSpec, ...], num_examples: int | None, seed: int,
-                      text_field: str = "text") -> list:
-    """Each dataset loaded, its columns renamed to TRL's fields (plus `_row`, the source row index),
-    and `num_examples` split across them by weight (a seeded shuffle, then the first rows)."""
-    counts = _rows_per_dataset(specs, num_examples)
-    return [_select_rows(_with_trl_columns(_load(spec), spec, text_field), count, seed)
-            for spec, count in zip(specs, counts)]
-
-
-def _rows_per_dataset(specs: tuple[DatasetSpec, ...], num_examples: int | None) -> list[int | None]:
-    if num_examples is None:
-        return [None] * len(specs)
-    total = sum(spec.weight for spec in specs)
-    return [max(1, round(num_examples * spec.weight / total)) for spec in specs]
-
-
-def _load(spec: DatasetSpec):
-    import datasets
-
-    path = Path(spec.path).expanduser()
-    local = path.exists() or spec.path.startswith((".", "/", "~")) or path.suffix in _LOCAL_FORMATS
-    if local and not path.exists():
-        raise DataError(f"data path {spec.path!r} does not exist; give a JSONL/JSON/parquet/arrow file, a folder, "
-                        "or a hub dataset name")
-    if path.is_file() and path.stat().st_size == 0:
-        raise DataError(f"data file {spec.path!r} is empty; give a dataset with at least one row")
-    try:
-        if path.is_dir() and (path / "dataset_info.json").is_file():
-            loaded = datasets.load_from_disk(str(path))
-            return loaded[spec.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        if path.is_file():
-            return datasets.load_dataset(_LOCAL_FORMATS.get(path.suffix, "json"), data_files=str(path), split="train")
-        return datasets.load_dataset(spec.path, spec.name, split=spec.split)
-    except DataError:
-        raise
-    except Exception as error:  # hub unreachable, bad file: say which dataset
-        raise DataError(f"could not load dataset {spec.path!r} (split {spec.split!r}): {error}") from error
-
-
-def _with_trl_columns(dataset, spec: DatasetSpec, text_field: str):
-    """Rename the dataset's columns to TRL's field names and keep only those."""
-    renames = dict(spec.columns or {})
-    missing = sorted(column for column in renames.values() if column not in dataset.column_names)
-    if missing:
-        raise DataError(f"dataset {spec.path!r} has no column(s) {missing}; its columns are {dataset.column_names}")
-    dataset = dataset.rename_columns({column: trl for trl, column in renames.items() if column != trl})
-    present = set(dataset.column_names)
-    if "messages" in present:
-        keep = ["messages"]
-    elif {"prompt", "completion"} <= present:
-        keep = ["prompt", "completion"]
-    elif text_field in present:
-        keep = [text_field]
-    else:
-        raise DataError(
-            f"dataset {spec.path!r} has columns {dataset.column_names}, none in a TRL format: 'messages', "
-            f"'prompt' + 'completion', or '{text_field}'. Map yours with columns: "
-            "{prompt: your_question_column, completion: your_answer_column}"
-        )
-    dataset = dataset.select_columns(keep)
-    return dataset.add_column("_row", list(range(len(dataset))))
-
-
-def _select_rows(dataset, count: int | None, seed: int):
-    if count is None or count >= len(dataset):
-        return dataset
-    return dataset.shuffle(seed=seed).select(range(count))
-
-
 def _tokenize_with_trl(dataset, spec: DatasetSpec, tokenizer, config: FisherConfig):
     """TRL's SFTTrainer preparation, run without a trainer: the three attributes it reads from `self`
     are set exactly as SFTTrainer.__init__ sets them."""
@@ -179,15 +104,6 @@ def _tokenize_with_trl(dataset, spec: DatasetSpec, tokenizer, config: FisherConf
         if "assistant" not in str(error):
             raise
         raise no_assistant_mask from None
-
-
-def check_chat_template(dataset, spec: DatasetSpec, tokenizer, model: str) -> None:
-    """Conversational rows are tokenized through the tokenizer's chat template: it must have one."""
-    from trl.data_utils import is_conversational
-
-    if is_conversational(dataset[0]) and not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"dataset {spec.path!r} is conversational but the tokenizer of {model!r} has no chat "
-                        "template; use a tokenizer with one, or convert the rows to plain text")
 
 
 def _skip_rows_without_assistant_turn(dataset, spec: DatasetSpec):

@@ -1,24 +1,9 @@
 """Per-example squared gradients of the decoder's Linear weights, from one batched backward.
 
-For a Linear y = x Wᵀ and one example b with inputs X_b [T, in] and output gradients G_b [T, out]
-(rows of the batch are independent, so G_b is ∂ℓ_b/∂y_b even when the loss sums the batch):
-
-    ∂ℓ_b/∂W = G_bᵀ X_b          exact: accumulate (G_bᵀ X_b)²           [out, in]
-                                per_token (approximate): (G_b²)ᵀ (X_b²) = Σ_t g_t² x_tᵀ²
-
-A forward hook keeps X and puts a hook on the output; that hook receives G during backward and
-adds the squares into an fp32 sum (fused: sum += P·P), `examples_per_chunk` examples at a time. Per-example gradients
-therefore exist for one module and a few examples at once, never for the whole model. Weights
-are frozen, so autograd never builds the (batch-summed, useless here) weight gradients.
-
-Memory. The hooks keep every tracked module's input X until the backward, for all modules at once: gradient
-checkpointing cannot free them (for E4B at batch 4 × 2048 tokens, bf16, ~14 GB; docs/benchmarks.md). A
-per-layer-group pass (FisherConfig.layer_groups, fisher.run) hooks one contiguous group of decoder layers per
-pass over the data, so those inputs and the fp32 sums on the device shrink to ~1/groups.
-
-Non-finite per-example gradients are not added. Because the first module to see one may come after
-others already added that example, such examples are then removed again by a second backward
-over the same graph that subtracts exactly what was added (see `Accumulator.correction`).
+A forward hook on each tracked Linear keeps its input X; a hook on its output receives G in the backward and adds
+(G_bᵀ X_b)² per example b into an fp32 sum, a few examples at a time (with `factors: true`, also the K-FAC factors
+X_bᵀ X_b and G_bᵀ G_b). Non-finite examples are subtracted again by a second backward (`Accumulator.correction`).
+The formulas, the memory and the correction: docs/architecture.md, section "The Fisher stage (`fisher/`)".
 """
 
 from __future__ import annotations
@@ -28,8 +13,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from core.logits import LogitHead, token_log_likelihoods
+
 from .config import ConfigError
-from .head import LogitHead, token_log_likelihoods
 
 
 def _exact(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -44,16 +30,61 @@ def _per_token(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 PER_EXAMPLE = {"exact": _exact, "per_token": _per_token}
 
 
-class Accumulator:
-    """Σ over examples of the squared per-example gradient of each tracked Linear weight, in fp32."""
+class FactorSums:
+    """The K-FAC sums of some tracked Linears, fp32: A = Σ x xᵀ [in, in] and G = Σ g gᵀ [out, out] over the
+    non-padding positions of every added example, and T, the number of those positions (int64), per module.
+    The means are A / T and G / T (`mean`)."""
 
-    def __init__(self, modules: dict[str, nn.Linear], estimator: str = "exact", examples_per_chunk: int = 1):
+    def __init__(self, names: list[str]):
+        self.names = set(names)
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, torch.Tensor] = {}  # 0-d int64
+
+    def to(self, name: str, module: nn.Linear | None) -> None:
+        """Create (zeros) or move `name`'s sums to `module`'s weight device; to the CPU when `module` is None."""
+        if name not in self.inputs:
+            out_features, in_features = module.weight.shape
+            device = module.weight.device
+            self.inputs[name] = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+            self.outputs[name] = torch.zeros(out_features, out_features, dtype=torch.float32, device=device)
+            self.tokens[name] = torch.zeros((), dtype=torch.int64, device=device)
+            return
+        device = module.weight.device if module is not None else torch.device("cpu")
+        for sums in (self.inputs, self.outputs, self.tokens):
+            sums[name] = sums[name].to(device)
+
+    def add(self, name: str, x: torch.Tensor, g: torch.Tensor, positions: torch.Tensor, sign: float) -> None:
+        """Add (sign +1) or subtract (-1) one example: x [T, in] and g [T, out] fp32, positions [T] bool."""
+        weight = positions.to(x.dtype)[:, None]  # padding rows contribute nothing (x is not 0 there)
+        x, g = x * weight, g * weight
+        self.inputs[name].addmm_(x.T, x, alpha=sign)
+        self.outputs[name].addmm_(g.T, g, alpha=sign)
+        self.tokens[name] += int(sign) * positions.sum()
+
+    def mean(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A / T, G / T) of one module: the second moments per token."""
+        tokens = int(self.tokens[name])
+        if tokens <= 0:
+            raise RuntimeError(f"internal: the K-FAC factors of {name} saw no token")
+        return self.inputs[name] / tokens, self.outputs[name] / tokens
+
+
+class Accumulator:
+    """Σ over examples of the squared per-example gradient of each tracked Linear weight, in fp32; with `factors`,
+    also the K-FAC sums of the modules it names, for the same examples."""
+
+    def __init__(self, modules: dict[str, nn.Linear], estimator: str = "exact", examples_per_chunk: int = 1,
+                 factors: FactorSums | None = None):
         self.modules = modules
         self.names = {module: name for name, module in modules.items()}
         # name -> fp32 [out, in], created on the weight's device when the module is first hooked
         self.sums: dict[str, torch.Tensor] = {}
         self.per_example = PER_EXAMPLE[estimator]
         self.chunk = examples_per_chunk
+        self.factors = factors
+        # [B, T] bool, the current batch's non-padding positions (the factors count those only); set per forward
+        self.positions: torch.Tensor | None = None
         self._subtract: dict[str, torch.Tensor] | None = None  # set during a correction backward
         self._include: torch.Tensor | None = None
 
@@ -67,6 +98,9 @@ class Accumulator:
             previous = self.sums.get(name)
             self.sums[name] = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if previous is None
                                else previous.to(weight.device))
+        factor_names = [name for name in names if self.factors is not None and name in self.factors.names]
+        for name in factor_names:
+            self.factors.to(name, self.modules[name])
         handles = [self.modules[name].register_forward_hook(self._on_forward) for name in names]
         try:
             yield self
@@ -76,11 +110,15 @@ class Accumulator:
             if offload:
                 for name in names:
                     self.sums[name] = self.sums[name].cpu()
+                for name in factor_names:
+                    self.factors.to(name, None)
 
     def _on_forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if output.requires_grad:  # False in a no-grad pass (e.g. the first pass of gradient checkpointing)
-            name, x = self.names[module], args[0].detach()
-            output.register_hook(lambda g: self._on_gradient(name, x, g))
+            name, x, positions = self.names[module], args[0].detach(), self.positions
+            if self.factors is not None and name in self.factors.names and positions is None:
+                raise RuntimeError("internal: K-FAC factors need Accumulator.positions set before the forward")
+            output.register_hook(lambda g: self._on_gradient(name, x, g, positions))
 
     @contextmanager
     def backward_pass(self, include: torch.Tensor):
@@ -104,17 +142,19 @@ class Accumulator:
         finally:
             self._subtract = None
 
-    def _on_gradient(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+    def _on_gradient(self, name: str, x: torch.Tensor, g: torch.Tensor, positions: torch.Tensor | None) -> None:
         subtracting = self._subtract is not None
         include = self._subtract[name] if subtracting else self._include
         sign = -1.0 if subtracting else 1.0
         total = self.sums[name]
+        factors = self.factors if self.factors is not None and name in self.factors.names else None
         for start in range(0, g.shape[0], self.chunk):
             rows = slice(start, start + self.chunk)
             use = include[rows]
             if not use.any():
                 continue
-            matrices, needs_square = self.per_example(g[rows].float(), x[rows].float())
+            chunk_g, chunk_x = g[rows].float(), x[rows].float()  # [b, T, out], [b, T, in]
+            matrices, needs_square = self.per_example(chunk_g, chunk_x)
             flat = matrices.flatten(1)
             # One reduction per example: its Fisher mass, non-finite iff any entry (or the mass) is.
             mass = torch.linalg.vector_norm(flat, dim=1) if needs_square else flat.sum(1)
@@ -128,6 +168,8 @@ class Accumulator:
                     total.addcmul_(matrices[i], matrices[i], value=sign)  # += sign · P², fused
                 else:
                     total.add_(matrices[i], alpha=sign)
+                if factors is not None:
+                    factors.add(name, chunk_x[i], chunk_g[i], positions[rows][i], sign)
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -156,11 +198,16 @@ def layer_groups(model: nn.Module, modules: dict[str, nn.Linear], count: int) ->
     if count > len(layers):
         raise ConfigError(f"layer_groups {count} is more than the decoder's {len(layers)} layers; "
                           f"use 1 to {len(layers)}")
-    layer_of = {module: index for index, layer in enumerate(layers) for module in layer.modules()}
+    layer_of = decoder_layer_of(model, modules)
     size, extra = divmod(len(layers), count)
     bounds = [i * size + min(i, extra) for i in range(count + 1)]  # the first `extra` groups get one more layer
-    return [[name for name, module in modules.items() if bounds[g] <= layer_of[module] < bounds[g + 1]]
-            for g in range(count)]
+    return [[name for name in modules if bounds[g] <= layer_of[name] < bounds[g + 1]] for g in range(count)]
+
+
+def decoder_layer_of(model: nn.Module, modules: dict[str, nn.Linear]) -> dict[str, int]:
+    """The decoder layer index of each module in `modules`, by name."""
+    index_of = {module: index for index, layer in enumerate(model.get_decoder().layers) for module in layer.modules()}
+    return {name: index_of[module] for name, module in modules.items()}
 
 
 def label_uniforms(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

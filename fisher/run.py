@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from core.logits import LogitHead, sample_tokens_chunked
+from core.tokens import pad_batch
+
 from .config import FisherConfig
 from .data import Example
 from .estimator import Accumulator, example_generator, label_uniforms, layer_groups, per_example_log_likelihood
-from .head import LogitHead, sample_tokens_chunked
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +92,10 @@ def _counts(mine: list[Example], batches: list[list[Example]], skipped: Pairs, n
                   loss_tokens=loss_tokens, nonfinite_examples=ids)
 
 
-def _pad(batch: list[Example], pad_token_id: int, device: torch.device):
+def pad_examples(batch: list[Example], pad_token_id: int, device: torch.device):
     """Right-padded input_ids, attention_mask and labels (-100 on padding), each [B, T]."""
-    length = max(len(e.input_ids) for e in batch)
-    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), length), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, example in enumerate(batch):
-        n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        attention_mask[row, :n] = 1
+    input_ids, attention_mask = pad_batch([e.input_ids for e in batch], pad_token_id, side="right")
+    labels, _ = pad_batch([e.labels for e in batch], -100, side="right")
     return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
@@ -115,7 +110,8 @@ class _Run:
 
     def _forward(self, batch: list[Example]):
         """The backbone's final hidden states [B, T, hidden] (no LM head: it runs in chunks later), labels [B, T]."""
-        input_ids, attention_mask, labels = _pad(batch, self.pad_token_id, self.device)
+        input_ids, attention_mask, labels = pad_examples(batch, self.pad_token_id, self.device)
+        self.accumulator.positions = attention_mask.bool()  # the K-FAC factors count non-padding positions only
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden, labels
 
@@ -166,13 +162,15 @@ class _Run:
 
 
 def reduce_counts(counts: Counts, accumulator: Accumulator, accelerator) -> Counts:
-    """Sum every rank's fp32 sums (in place) and counts."""
+    """Sum every rank's fp32 sums, K-FAC sums and token counts included (in place), and counts."""
     from accelerate.utils import gather_object
 
     if accelerator.num_processes == 1:
         return counts
-    for name, total in accumulator.sums.items():  # one at a time on the device (after a per-layer-group pass, on CPU)
-        accumulator.sums[name] = accelerator.reduce(total.to(accelerator.device), reduction="sum").to(total.device)
+    factors = accumulator.factors
+    for sums in [accumulator.sums] + ([factors.inputs, factors.outputs, factors.tokens] if factors else []):
+        for name, total in sums.items():  # one at a time on the device (after a per-layer-group pass, on CPU)
+            sums[name] = accelerator.reduce(total.to(accelerator.device), reduction="sum").to(total.device)
     device = next(iter(accumulator.sums.values())).device
     numbers = torch.tensor([counts.examples, counts.pairs_used, counts.pairs_nonfinite, counts.loss_tokens],
                            dtype=torch.float64, device=device)

@@ -3,32 +3,14 @@
     python -m heal.answers --model models/e4b-it --data prompts.jsonl --out out/answers [--num-prompts N]
         [--max-new-tokens 160] [--temperature 0] [--num-samples 1] [--seed 0] [--batch-size 32]
         [--keep-unfinished] [--device auto] [--dtype auto] [--force]
+    python -m heal.answers --config answers.yaml --temperature 1.0     # AnswersConfig fields from a YAML
 
-Prompts: the rows of `python -m evaluation --prompts` ({"prompt": "text"}, {"prompt": [messages]} or
-{"messages": [messages]}, trailing assistant turns dropped), rendered with the chat template and
-add_generation_prompt=True. Answers stop at EOS or an end-of-turn token, or at --max-new-tokens.
-  --temperature 0 (default): one greedy answer per prompt.
-  --temperature T > 0: --num-samples answers per prompt, sampled from the full distribution at temperature T
-                       (top_p 1, top_k 0); the same --seed gives the same answers, also after a resume.
-An answer that reaches the cap without stopping is dropped (followed by the end-of-turn token that the chat
-template adds, it would teach the model to stop mid-sentence) unless --keep-unfinished; the drops are counted.
-
-Outputs, in --out (written beside it, then renamed into place; an --out this stage did not write is refused
-without --force, before any model loads):
-  answers.jsonl  TRL conversational prompt-completion rows ({"prompt": [messages], "completion": [the assistant's
-                 answer]}, so SFT with completion_only_loss trains on the answer only), in prompt order (sample k of
-                 a prompt after sample k-1), with "prompt_index" and "sample" columns (the heal's loader keeps only
-                 "prompt" and "completion").
-  answers.json   the model's and the data's sha256s, the settings, the counts, the mean answer length, the wall
-                 time, the device, dtype and library versions.
-Resumable: prompts are answered in chunks of --batch-size (longest prompts first), each finished chunk saved in
-OUT.partial/; a rerun with the same settings skips the finished chunks, one with other settings is refused
-(--force starts over). OUT.partial/ is deleted once --out is written.
+Writes answers.jsonl (TRL prompt-completion rows) and answers.json into --out; resumable chunk by chunk. Prompts,
+sampling, dropped answers, outputs and resume: docs/architecture.md, section "Self-generated data".
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import logging
@@ -41,12 +23,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from evaluation.config import DTYPES, EvalError, resolve_device, resolve_dtype
-from evaluation.generation import Continuation, greedy_continuations, stop_token_ids
-from evaluation.inputs import Messages, chat_ids, length_sorted_batches, load_prompts, pad_batch, pad_id
+from core.checkpoint import SourceError, check_data_present, open_source
+from core.cli import ConfigParser, load_dataclass, setup_logging
+from core.files import jsonl_text, read_jsonl, sha256_file
+from core.outputs import OutputExistsError, guard_output_dir, staged_output, write_file_atomic
+from core.tokens import pad_batch, pad_id, stop_token_ids
+from evaluation.config import EvalError, resolve_device, resolve_dtype
+from evaluation.generation import Continuation, greedy_continuations
+from evaluation.inputs import Messages, chat_ids, length_sorted_batches, load_prompts
 from evaluation.run import load_model, load_tokenizer
-from stack.atomic import OutputExistsError, guard_output_dir, staged_output, write_file_atomic
-from stack.source import SourceError, check_data_present, open_source, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,39 +55,43 @@ class Answer:
     stopped: bool  # False: it reached --max-new-tokens without a stop token
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m heal.answers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add("--model", type=Path, required=True, help="the source model's folder")
-    add("--data", type=Path, required=True, help="JSONL of chat prompts")
-    add("--out", type=Path, required=True, help="output folder")
-    add("--num-prompts", type=int, help="use the first N rows (default: all)")
-    add("--max-new-tokens", type=int, default=160, help="cap of every answer, in tokens")
-    add("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled at this temperature")
-    add("--num-samples", type=int, default=1, help="answers per prompt (sampled only)")
-    add("--seed", type=int, default=0, help="seed of the sampled answers")
-    add("--batch-size", type=int, default=32,
-        help="prompts generated together (times --num-samples rows per generate), and the chunk saved for resuming")
-    add("--keep-unfinished", action="store_true", help="keep answers that reached the cap without stopping")
-    add("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    add("--dtype", choices=("auto", *DTYPES), default="auto")
-    add("--force", action="store_true",
-        help="replace an --out that this stage did not write, and discard an OUT.partial of other settings")
+@dataclass(frozen=True)
+class AnswersConfig:
+    model: Path  # the source model's folder
+    data: Path  # JSONL of chat prompts
+    out: Path  # output folder
+    num_prompts: int | None = None  # use the first N rows (None: all)
+    max_new_tokens: int = 160  # cap of every answer, in tokens
+    temperature: float = 0.0  # 0: greedy; above 0: sampled at this temperature
+    num_samples: int = 1  # answers per prompt (sampled only)
+    seed: int = 0  # seed of the sampled answers
+    batch_size: int = 32  # prompts generated together (times num_samples rows per generate); the chunk resumed
+    keep_unfinished: bool = False  # keep answers that reached the cap without stopping
+    device: str = "auto"  # auto | cuda | cpu
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+
+    def __post_init__(self):
+        for flag in ("max_new_tokens", "num_samples", "batch_size"):
+            if getattr(self, flag) < 1:
+                raise AnswersError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise AnswersError(f"--num-prompts must be at least 1, got {self.num_prompts}; leave it out to use every "
+                               "row")
+        if self.temperature < 0:
+            raise AnswersError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.temperature == 0 and self.num_samples > 1:
+            raise AnswersError(f"--num-samples {self.num_samples} with --temperature 0: greedy answers would repeat "
+                               "one another; pass --temperature above 0 to sample, or --num-samples 1")
+
+
+def make_parser() -> ConfigParser:
+    parser = ConfigParser(AnswersConfig, prog="python -m heal.answers", description=__doc__, positional=False,
+                          required=False, config_help="YAML of AnswersConfig fields (heal/answers.py)",
+                          usage="%(prog)s --model DIR --data PROMPTS.jsonl --out DIR [--key value ...] [--force]")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an --out that this stage did not write, and discard an OUT.partial of other "
+                        "settings")
     return parser
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    for flag in ("max_new_tokens", "num_samples", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise AnswersError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.num_prompts is not None and args.num_prompts < 1:
-        raise AnswersError(f"--num-prompts must be at least 1, got {args.num_prompts}; leave it out to use every row")
-    if args.temperature < 0:
-        raise AnswersError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
-    if args.temperature == 0 and args.num_samples > 1:
-        raise AnswersError(f"--num-samples {args.num_samples} with --temperature 0: greedy answers would repeat one "
-                           "another; pass --temperature above 0 to sample, or --num-samples 1")
 
 
 def check_inputs(model_dir: Path, data: Path) -> None:
@@ -125,19 +114,19 @@ def model_identity(model_dir: Path) -> dict:
             "shard_sha256": {shard.name: sha256_file(shard) for shard in source.shards}}
 
 
-def resolve_settings(args: argparse.Namespace, identity: dict, prompts: list[Messages],
+def resolve_settings(config: AnswersConfig, identity: dict, prompts: list[Messages],
                      device: torch.device, dtype: torch.dtype) -> dict:
     """Everything that decides the chunks' contents. A resume must match it exactly; paths are left out, so a
     moved model or data file with the same bytes still resumes."""
     return {
         "model": identity,
-        "data_sha256": sha256_file(args.data),
+        "data_sha256": sha256_file(config.data),
         "num_prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "num_samples": args.num_samples,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "num_samples": config.num_samples,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
         "device": device.type,  # GPU and CPU kernels round differently: their answers differ
         "dtype": str(dtype).removeprefix("torch."),
         "versions": {name: importlib.metadata.version(name) for name in VERSIONED},
@@ -184,13 +173,11 @@ def _work_dir_refusal(work: Path, settings: dict) -> str | None:
 
 def write_chunk(work: Path, index: int, answers: list[Answer]) -> None:
     """chunk-NNNNN.jsonl, written under a temp name and renamed: a chunk file on disk is always complete."""
-    text = "".join(json.dumps(asdict(answer), ensure_ascii=False) + "\n" for answer in answers)
-    write_file_atomic(work / f"chunk-{index:05d}.jsonl", text)
+    write_file_atomic(work / f"chunk-{index:05d}.jsonl", jsonl_text(asdict(answer) for answer in answers))
 
 
 def read_chunks(work: Path, count: int) -> list[Answer]:
-    return [Answer(**json.loads(line)) for index in range(count)
-            for line in (work / f"chunk-{index:05d}.jsonl").read_text().splitlines()]
+    return [Answer(**row) for index in range(count) for row in read_jsonl(work / f"chunk-{index:05d}.jsonl")]
 
 
 @torch.inference_mode()
@@ -253,23 +240,23 @@ def assemble(prompts: list[Messages], answers: list[Answer], keep_unfinished: bo
     return rows, counts
 
 
-def generate_answers(args: argparse.Namespace, settings: dict, prompts: list[Messages], device: torch.device,
-                     dtype: torch.dtype) -> tuple[list[Answer], int]:
+def generate_answers(config: AnswersConfig, settings: dict, prompts: list[Messages], device: torch.device,
+                     dtype: torch.dtype, force: bool) -> tuple[list[Answer], int]:
     """Every chunk's answers, from OUT.partial where finished, else generated and saved there; and how many
-    chunks were resumed."""
-    tokenizer = load_tokenizer(args.model)
+    chunks were resumed. `force` discards an OUT.partial of other settings."""
+    tokenizer = load_tokenizer(config.model)
     if not getattr(tokenizer, "chat_template", None):
-        raise AnswersError(f"--model {args.model}: its tokenizer has no chat template, so the prompts cannot be "
+        raise AnswersError(f"--model {config.model}: its tokenizer has no chat template, so the prompts cannot be "
                            "rendered as a chat; pass an instruction-tuned model's folder")
     encoded = [chat_ids(tokenizer, messages, add_generation_prompt=True) for messages in prompts]
-    chunks = length_sorted_batches(encoded, args.batch_size)  # deterministic: a stable sort of the lengths
-    work = work_dir_for(args.out)
-    finished = open_work_dir(work, settings, args.force)
+    chunks = length_sorted_batches(encoded, config.batch_size)  # deterministic: a stable sort of the lengths
+    work = work_dir_for(config.out)
+    finished = open_work_dir(work, settings, force)
     todo = [index for index in range(len(chunks)) if index not in finished]
     logger.info("%d chunk(s) of up to %d prompts; %d finished in %s, %d to generate", len(chunks),
-                args.batch_size, len(chunks) - len(todo), work, len(todo))
+                config.batch_size, len(chunks) - len(todo), work, len(todo))
     if todo:
-        model = load_model(args.model, device, dtype)
+        model = load_model(config.model, device, dtype)
         for index in tqdm(todo, desc="answers", unit="chunk", dynamic_ncols=True):
             write_chunk(work, index, answer_chunk(model, tokenizer, prompts, encoded, chunks[index], index, settings))
     return read_chunks(work, len(chunks)), len(chunks) - len(todo)
@@ -277,42 +264,43 @@ def generate_answers(args: argparse.Namespace, settings: dict, prompts: list[Mes
 
 def write_outputs(out: Path, rows: list[dict], record: dict) -> None:
     with staged_output(out, stage="answers") as tmp:
-        (tmp / ANSWERS_FILE).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        (tmp / ANSWERS_FILE).write_text(jsonl_text(rows))
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     logger.info("wrote %d answers to %s", len(rows), out / ANSWERS_FILE)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(config: AnswersConfig, force: bool = False) -> None:
+    """`force`: replace an --out this stage did not write, and discard an OUT.partial of other settings."""
     started = time.monotonic()
-    check_flags(args)
-    guard_output_dir(args.out, "answers", args.force)  # before any model loads: a wrong --out fails in seconds
-    check_inputs(args.model, args.data)
-    prompts = load_prompts(args.data, args.num_prompts)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    settings = resolve_settings(args, model_identity(args.model), prompts, device, dtype)
-    logger.info("settings (keep_unfinished=%s):\n%s", args.keep_unfinished, json.dumps(settings, indent=2))
-    answers, resumed = generate_answers(args, settings, prompts, device, dtype)
-    rows, counts = assemble(prompts, answers, args.keep_unfinished)
+    guard_output_dir(config.out, "answers", force)  # before any model loads: a wrong --out fails in seconds
+    check_inputs(config.model, config.data)
+    prompts = load_prompts(config.data, config.num_prompts)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    settings = resolve_settings(config, model_identity(config.model), prompts, device, dtype)
+    logger.info("settings (keep_unfinished=%s):\n%s", config.keep_unfinished, json.dumps(settings, indent=2))
+    answers, resumed = generate_answers(config, settings, prompts, device, dtype, force)
+    rows, counts = assemble(prompts, answers, config.keep_unfinished)
     logger.info("%s", json.dumps(counts))
     if not rows:  # an empty answers.jsonl is no heal data; the chunks stay in OUT.partial for a rerun to reuse
-        raise AnswersError(f"all {counts['unfinished']} answers reached --max-new-tokens {args.max_new_tokens} "
+        raise AnswersError(f"all {counts['unfinished']} answers reached --max-new-tokens {config.max_new_tokens} "
                            "without stopping, so none is written; raise --max-new-tokens or pass --keep-unfinished "
-                           f"(a rerun reuses the answers saved in {work_dir_for(args.out)})")
+                           f"(a rerun reuses the answers saved in {work_dir_for(config.out)})")
     record = {
-        "model": str(args.model.resolve()), "data": str(args.data.resolve()), "settings": settings,
-        "keep_unfinished": args.keep_unfinished, "counts": counts, "chunks_resumed": resumed,
+        "model": str(config.model.resolve()), "data": str(config.data.resolve()), "settings": settings,
+        "keep_unfinished": config.keep_unfinished, "counts": counts, "chunks_resumed": resumed,
         "wall_seconds": round(time.monotonic() - started, 1),  # this invocation's, resumed chunks not included
     }
-    write_outputs(args.out, rows, record)
-    shutil.rmtree(work_dir_for(args.out))
+    write_outputs(config.out, rows, record)
+    shutil.rmtree(work_dir_for(config.out))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides, args = make_parser().parse(argv)
+    setup_logging()
     try:
-        run(args)
+        config = load_dataclass(AnswersConfig, args.config, overrides, "a YAML of AnswersConfig fields", AnswersError)
+        run(config, args.force)
     except (AnswersError, EvalError, SourceError, OutputExistsError) as error:
         logger.error("%s", error)
         return 2

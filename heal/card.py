@@ -1,20 +1,13 @@
 """The heal's model cards: README.md of the adapter (output_dir, in place of PEFT's empty template) and of the
 merged model (output_dir/merged), from the heal's own records.
 
-Facts and where they come from: the base from the raw stack's card and stack.json; the objective, LoRA
-groups and ranks from the heal config and the targets heal/train.py selected; the protection and the
-Fisher mass it covers from protection.safetensors; the data's licenses from a data.json manifest beside
-the data (demo/data.py writes one); steps and tokens from trainer_state.json; the train loss from
-train_results.json; and, when an evaluation of this model exists (`--eval`, or an eval.json in
-output_dir, output_dir/eval or output_dir/../eval that lists output_dir or output_dir/merged), its table
-against the reference, rendered by evaluation/report.py.
+    python -m heal.card RECIPE [--eval EVAL_JSON] [--key value]   # (re)write both cards, e.g. after an evaluation
 
-    python -m heal.card RECIPE [--eval EVAL_JSON]     # (re)write both cards, e.g. after an evaluation
+Which fact comes from which file: docs/architecture.md, section "Model cards".
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -22,10 +15,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from heal.config import DISTILLATIONS, HealConfig, HealConfigError
+from core.cards import CARD_NAME, display_path, ranges, render_card, source_facts
+from core.cli import setup_logging
+from core.outputs import write_file_atomic
+from heal.config import DISTILLATIONS, HealConfig, HealConfigError, recipe_parser
 from heal.protection import PROTECTION_FILE
-from stack.atomic import write_file_atomic
-from stack.card import CARD_NAME, display_path, ranges, render_card, source_facts
 from stack.manifest import MANIFEST_NAME, ManifestError, load_manifest
 
 logger = logging.getLogger(__name__)
@@ -154,7 +148,8 @@ def _lora_section(heal: HealConfig, groups: dict[str, str]) -> list[str]:
 
 
 def protection_report(output_dir: Path) -> dict | None:
-    """protection.safetensors' metadata (config, and per module the protected dims and mass covered), or None."""
+    """protection.safetensors' metadata (kind, config, and per module the protected dims and the Fisher mass or
+    energy covered), or None."""
     from safetensors import safe_open
 
     path = Path(output_dir) / PROTECTION_FILE
@@ -164,35 +159,77 @@ def protection_report(output_dir: Path) -> dict | None:
         return json.loads(f.metadata()["protection"])
 
 
+# Per protection kind, the audit report's keys: protected inputs, their covered share, protected outputs, theirs;
+# and what the share is of.
+_REPORT_KEYS = {"coordinates": (("protected_inputs", "input_mass_covered", "protected_outputs", "output_mass_covered"),
+                                "mass"),
+                "kfac": (("input_rank", "input_energy_covered", "output_rank", "output_energy_covered"), "energy")}
+
+
 def _protection_section(heal: HealConfig, groups: dict[str, str], output_dir: Path) -> list[str]:
     report = protection_report(output_dir) if heal.protect else None
     if report is None:
         return ["## Protection", "", "None: this heal ran with `protect: false`; every targeted weight could move.",
                 ""]
-    config, modules = report["config"], report["modules"]
-    lines = ["## Protection", "", "Fisher-subspace protection (heal/protection.py): in every protected module, the "
-             "source model's highest-Fisher input and output coordinates are masked in the LoRA factors, so the "
-             "merged weights equal the raw stack's there, bit for bit (`protection.safetensors` lists them). "
-             f"Per module, the fewest coordinates covering mass_share {config['mass_share']} of its Fisher mass, "
-             f"capped at max_fraction {config['max_fraction']} of the dimension (first_copy_only "
-             f"{str(config['first_copy_only']).lower()}); Fisher: `{Path(heal.fisher).name}`.", "",
-             "| group | modules protected | protected inputs | protected outputs | input mass covered "
-             "(min / median / max) | output mass covered (min / median / max) |", "|---|---|---|---|---|---|"]
+    kind, modules = report.get("kind", "coordinates"), report["modules"]  # audit files before `kind`: coordinates
+    if kind == "ewc":
+        return _penalty_section(report, heal, groups)
+    (inputs_key, input_share, outputs_key, output_share), share = _REPORT_KEYS[kind]
+    lines = ["## Protection", "", _protection_summary(kind, report["config"], heal), "",
+             f"| group | modules protected | protected inputs | protected outputs | input {share} covered "
+             f"(min / median / max) | output {share} covered (min / median / max) |", "|---|---|---|---|---|---|"]
     for group in GROUPS:
         members = [entry for name, entry in modules.items() if groups.get(name) == group]
         if members:
             total = sum(1 for member_group in groups.values() if member_group == group)
-            inputs = f"{sum(m['protected_inputs'] for m in members):,} of {sum(m['in_features'] for m in members):,}"
-            outputs = f"{sum(m['protected_outputs'] for m in members):,} of " \
-                      f"{sum(m['out_features'] for m in members):,}"
+            inputs = f"{sum(m[inputs_key] for m in members):,} of {sum(m['in_features'] for m in members):,}"
+            outputs = f"{sum(m[outputs_key] for m in members):,} of {sum(m['out_features'] for m in members):,}"
             lines.append(f"| {group} | {len(members)} of {total} | {inputs} | {outputs} | "
-                         f"{_spread([m['input_mass_covered'] for m in members])} | "
-                         f"{_spread([m['output_mass_covered'] for m in members])} |")
+                         f"{_spread([m[input_share] for m in members])} | "
+                         f"{_spread([m[output_share] for m in members])} |")
     unprotected = len(groups) - len(modules)
     if unprotected:
-        lines += ["", f"{unprotected} targeted module(s) have no source Fisher (grafted K/V, or duplicates with "
-                  "first_copy_only) and are unprotected."]
+        left_out = ", or left out by protect_modules" if heal.protect_modules else ""
+        lines += ["", f"{unprotected} targeted module(s) are unprotected: they have no source Fisher (grafted K/V, "
+                  f"or duplicates with first_copy_only){left_out}."]
     return lines + [""]
+
+
+def _penalty_section(report: dict, heal: HealConfig, groups: dict[str, str]) -> list[str]:
+    """The card's protection section of a `protection: ewc` heal: the penalty, and how many modules of each group
+    paid it."""
+    modules = report["modules"]
+    fisher_mean = next(iter(modules.values()))["fisher_mean"]
+    lines = ["## Protection", "",
+             "Soft Fisher penalty (heal/ewc.py, `protection: ewc`): nothing is held fixed, so every targeted weight "
+             f"could move; training added ewc_lambda {report['config']['ewc_lambda']} · Σ F̃ ⊙ ΔW² to the loss, over "
+             "the penalised modules' LoRA updates ΔW = (lora_alpha / r) · B A, with F̃ = F / "
+             f"{fisher_mean:.6g}: the source Fisher mapped onto the slots, divided by its mean entry over those "
+             f"modules (first_copy_only {str(report['config']['first_copy_only']).lower()}); Fisher: "
+             f"`{Path(heal.fisher).name}`.", "", "| group | modules penalised |", "|---|---|"]
+    for group in GROUPS:
+        total = sum(1 for member_group in groups.values() if member_group == group)
+        if total:
+            lines.append(f"| {group} | {sum(1 for name in modules if groups.get(name) == group)} of {total} |")
+    return lines + [""]
+
+
+def _protection_summary(kind: str, config: dict, heal: HealConfig) -> str:
+    first_copy_only = str(config["first_copy_only"]).lower()
+    if kind == "kfac":
+        return ("K-FAC eigen-subspace protection (heal/protection.py, heal/kfac.py): in every protected module, the "
+                "LoRA factors are projected off the leading eigenvectors U of the source model's input second moment "
+                "and V of its output-gradient second moment, so the merged update ΔW has ΔW U = 0 and Vᵀ ΔW = 0 up "
+                "to floating-point roundoff (`protection.safetensors` holds U and V). Per module and side, the "
+                f"fewest stored eigenvectors holding kfac_energy_share {config['kfac_energy_share']} of the trace, "
+                f"capped at kfac_max_fraction {config['kfac_max_fraction']} of the dimension (first_copy_only "
+                f"{first_copy_only}); factors: `{Path(config['factors']).name}`.")
+    return ("Fisher-subspace protection (heal/protection.py): in every protected module, the source model's "
+            "highest-Fisher input and output coordinates are masked in the LoRA factors, so the merged weights equal "
+            "the raw stack's there, bit for bit (`protection.safetensors` lists them). Per module, the fewest "
+            f"coordinates covering mass_share {config['mass_share']} of its Fisher mass, capped at max_fraction "
+            f"{config['max_fraction']} of the dimension (first_copy_only {first_copy_only}); Fisher: "
+            f"`{Path(heal.fisher).name}`.")
 
 
 def _spread(values: list[float]) -> str:
@@ -280,20 +317,19 @@ def _evaluation_section(evaluation: dict | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m heal.card", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="the heal recipe YAML the heal ran with (its output_dir holds the records)")
+    # The recipe (and overrides) the heal ran with: its output_dir holds the records.
+    parser = recipe_parser("python -m heal.card", __doc__)
     parser.add_argument("--eval", type=Path, help="an eval.json of `python -m evaluation` that includes this heal")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides, args = parser.parse(argv)
+    setup_logging()
     from heal.plan import load_recipe, meta_model, plan_targets
     from heal.train import USER_ERRORS
 
     try:
-        heal, sft = load_recipe(args.recipe)
+        heal, sft = load_recipe(args.config, **overrides)
         output_dir = Path(sft.output_dir)
         if not (output_dir / "adapter_config.json").is_file():
-            raise HealConfigError(f"{output_dir} holds no adapter: run the heal first (heal/train.py {args.recipe})")
+            raise HealConfigError(f"{output_dir} holds no adapter: run the heal first (heal/train.py {args.config})")
         manifest = load_manifest(heal.stack) if heal.targets is None else None
         # The targets exactly as heal/train.py selected them, from a model built on the meta device (no weights).
         groups = {t.name: t.group for t in plan_targets(heal, meta_model(Path(heal.stack)), manifest)}

@@ -1,18 +1,18 @@
 """Typed configuration of a heal. One flat YAML: keys are the fields of HealConfig (below) or of
-TRL's SFTConfig (the trainer). Unknown keys are an error.
+TRL's SFTConfig (the trainer), any one overridable as --key value; unknown keys are an error
+(docs/architecture.md, section "Configuration").
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fisher.config import ConfigError, DatasetSpec, dataset_specs
-from heal.protection import ProtectionConfig, ProtectionError
+from core.cli import ConfigParser, check_required, config_values, field_names, with_field_types
+from core.data import DataError, DatasetSpec, dataset_specs
+from fisher.factors import FACTORS_FILE
 
 
 class HealConfigError(ValueError):
@@ -24,6 +24,10 @@ class HealConfigError(ValueError):
 OBJECTIVES = ("sft", "distill", "onpolicy")
 DISTILLATIONS = ("distill", "onpolicy")  # the objectives with a teacher: `teacher` and distill_* apply to both
 DISTILL_TOKENS = ("loss", "all")  # which positions the KL counts: the label loss's, or every non-pad one
+# With protect: true, what is protected (heal/protection.py): coordinates, the highest-Fisher input and output
+# coordinates (masks); kfac, the leading eigenvectors of the K-FAC factors (projections, heal/kfac.py); ewc, nothing
+# held fixed: a soft Fisher penalty on the LoRA update joins the loss (heal/ewc.py).
+PROTECTIONS = ("coordinates", "kfac", "ewc")
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,24 @@ class HealConfig:
     other_r: int = 8
     other_alpha: int = 16
     lora_dropout: float = 0.0
-    # Fisher-subspace protection (heal/protection.py).
+    # Fisher-subspace protection (heal/protection.py), one of PROTECTIONS.
     protect: bool = True
-    mass_share: float = 0.75
-    max_fraction: float = 0.25
-    first_copy_only: bool = False
+    protection: str = "coordinates"
+    # coordinates: the highest-Fisher input and output coordinates are masked.
+    mass_share: float = 0.75  # protect the fewest coordinates holding this share of a module's Fisher mass
+    max_fraction: float = 0.25  # ... but never more than this fraction of its input (or output) dimensions
+    # kfac: the leading eigenvectors of the K-FAC factors are projected out (heal/kfac.py).
+    factors: str | None = None  # fisher_factors.safetensors; None: the one beside `fisher`
+    kfac_energy_share: float = 0.5  # per module and side, the fewest stored eigenvectors holding this share of tr
+    kfac_max_fraction: float = 0.25  # ... but never more than this fraction of the dimension
+    # ewc: loss += ewc_lambda · Σ F̃ ⊙ ΔW² over the targeted modules, ΔW = (lora_alpha / r) · B A, F̃ the source
+    # Fisher mapped onto the slots and divided by its mean entry over those modules (the Fisher's absolute scale
+    # depends on the model and the loss tokens per example): ewc_lambda 1 prices an average entry's squared change
+    # at 1, whatever the model. 0: the plain heal, bit for bit.
+    ewc_lambda: float = 1.0
+    # Every construction.
+    first_copy_only: bool = False  # protect only the first slot holding a duplicated source layer
+    protect_modules: tuple[str, ...] | None = None  # protect only targets ending in these names; None: every target
     # Objective. distill: loss = distill_alpha · KL(teacher ‖ student) + (1 − distill_alpha) · CE (heal/distill.py).
     objective: str = "sft"
     teacher: str | None = None  # a model folder with the student's tokenizer; None: the source model in stack.json
@@ -68,9 +85,7 @@ class HealConfig:
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, one CUDA GPU)
 
     def __post_init__(self):
-        if self.protect and self.fisher is None:
-            raise HealConfigError("protect: true needs `fisher:` (a fisher.safetensors); "
-                                  "set protect: false to heal without it")
+        self._check_protection()
         if self.load_in_4bit and self.merge:
             raise HealConfigError("merge: true with load_in_4bit: merge into the bf16 raw stack afterwards instead "
                                   "(heal without merge, then rerun with merge: true and load_in_4bit: false "
@@ -80,10 +95,37 @@ class HealConfig:
             raise HealConfigError(f"seam_width must be >= 1, got {self.seam_width}")
         if self.num_examples is not None and self.num_examples < 1:
             raise HealConfigError(f"num_examples must be >= 1 (or unset: every row), got {self.num_examples}")
-        try:  # the ranges ProtectionConfig enforces, checked here: before any model loads
-            ProtectionConfig(self.mass_share, self.max_fraction, self.first_copy_only)
-        except ProtectionError as error:
-            raise HealConfigError(str(error)) from None
+
+    @property
+    def factors_path(self) -> Path | None:
+        """protection: kfac's factors file: `factors`, else fisher_factors.safetensors beside `fisher`."""
+        if self.factors is not None:
+            return Path(self.factors)
+        return Path(self.fisher).parent / FACTORS_FILE if self.fisher is not None else None
+
+    def _check_protection(self):
+        if self.protection not in PROTECTIONS:
+            raise HealConfigError(f"protection must be one of {PROTECTIONS}, got {self.protection!r}")
+        if self.protect and self.protection == "kfac" and self.factors_path is None:
+            raise HealConfigError("protect: true with protection: kfac needs `factors:` (a "
+                                  "fisher_factors.safetensors) or `fisher:` (the factors file beside it is read); "
+                                  "set protect: false to heal without protection")
+        if self.protect and self.protection != "kfac" and self.fisher is None:
+            raise HealConfigError("protect: true needs `fisher:` (a fisher.safetensors); "
+                                  "set protect: false to heal without it")
+        if self.protect and self.protection != "kfac" and self.factors is not None:
+            raise HealConfigError(f"`factors:` is set but protection is {self.protection!r}; set protection: kfac "
+                                  "to protect with the K-FAC factors")
+        for name in ("mass_share", "max_fraction", "kfac_energy_share", "kfac_max_fraction"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise HealConfigError(f"protection {name} must be in (0, 1), got {value}")
+        if not 0 <= self.ewc_lambda < float("inf"):
+            raise HealConfigError(f"ewc_lambda must be a finite number >= 0 (0: no penalty), got {self.ewc_lambda}")
+        if self.protect_modules is not None and not (
+                self.protect_modules and all(isinstance(name, str) and name for name in self.protect_modules)):
+            raise HealConfigError(f"protect_modules must be a non-empty list of module names (e.g. [q_proj, o_proj]) "
+                                  f"or unset (every target), got {self.protect_modules!r}")
 
     def _check_objective(self):
         if self.objective not in OBJECTIVES:
@@ -119,31 +161,22 @@ class HealConfig:
             raise HealConfigError(f"onpolicy_temperature must be >= 0 (0: greedy), got {self.onpolicy_temperature}")
 
 
-def load_config(path: str | Path, **overrides: Any):
-    """(HealConfig, SFTConfig) from one YAML, with `overrides` (same keys) applied on top."""
+def load_config(path: str | Path | None, **overrides: Any):
+    """(HealConfig, SFTConfig) of the YAML at `path`, `overrides` (the same keys, e.g. from the command line) on
+    top. One namespace, as TRL's: each key goes to the dataclass that has it."""
     from trl import SFTConfig
 
-    path = Path(path)
-    if not path.is_file():
-        raise HealConfigError(f"recipe {str(path)!r} does not exist; pass a YAML such as recipes/heal.yaml")
-    raw = {**(yaml.safe_load(path.read_text()) or {}), **overrides}
-    heal_keys = {f.name for f in fields(HealConfig)}
-    sft_keys = {f.name for f in fields(SFTConfig)}
-    unknown = sorted(set(raw) - heal_keys - sft_keys)
-    if unknown:
-        raise HealConfigError(f"{path}: unknown key(s) {unknown}; keys are HealConfig fields (heal/config.py) "
-                              "or SFTConfig fields")
+    heal_keys, sft_keys = field_names(HealConfig), field_names(SFTConfig)
+    raw = config_values(path, heal_keys + sft_keys, overrides, "recipes/heal.yaml", HealConfigError)
     heal_raw = {k: v for k, v in raw.items() if k in heal_keys}
+    check_required(HealConfig, heal_raw, str(path), HealConfigError)
     try:  # the same parsing as fisher recipes: an unknown key in an entry is named
-        specs = dataset_specs(heal_raw.pop("datasets", None) or [], str(path))
-    except ConfigError as error:
+        specs = dataset_specs(heal_raw.pop("datasets") or [], str(path))
+    except DataError as error:
         raise HealConfigError(str(error)) from None
     if not specs:
         raise HealConfigError(f"{path}: `datasets` is empty; give at least one {{path: ...}}")
-    for key in ("modules", "targets"):
-        if heal_raw.get(key) is not None:
-            heal_raw[key] = tuple(heal_raw[key])
-    heal = HealConfig(datasets=specs, **heal_raw)
+    heal = HealConfig(datasets=specs, **with_field_types(HealConfig, heal_raw))
     sft_raw = {k: v for k, v in raw.items() if k in sft_keys}
     sft_raw.setdefault("report_to", "tensorboard")  # a heal logs to TensorBoard unless the recipe says otherwise
     sft = SFTConfig(**sft_raw)
@@ -152,3 +185,12 @@ def load_config(path: str | Path, **overrides: Any):
 
 def config_to_dict(heal: HealConfig, sft) -> dict[str, Any]:
     return {"heal": dataclasses.asdict(heal), "sft": sft.to_dict()}
+
+
+def recipe_parser(prog: str, description: str | None) -> ConfigParser:
+    """The command line of every CLI that reads a heal recipe: the recipe, then --key value for any field of
+    HealConfig or SFTConfig (resolve with load_config(args.config, **overrides))."""
+    from trl import SFTConfig
+
+    return ConfigParser(HealConfig, SFTConfig, prog=prog, description=description,
+                        config_help="heal recipe YAML (HealConfig and SFTConfig fields)")

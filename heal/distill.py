@@ -1,42 +1,27 @@
 """Self-distillation: the stacked student learns the source model's token distributions.
 
-Per token, teacher-forced on the training sequences, the distillation term is KL(teacher ‖ student)
-at temperature T,
-
-    KL_t = T² · Σ_v p_v (log p_v − log q_v),   p = softmax(z_teacher / T),  q = softmax(z_student / T)
-
-(the T² keeps gradient magnitudes comparable across temperatures, as in Hinton et al. 2015), and the
-objective mixes it with the SFT/CPT label loss:  loss = alpha · KL + (1 − alpha) · CE.
-
-Memory. Gemma's vocabulary is 262,144: fp32 logits of one 2048-token sequence are 2 GB, per model.
-So no full logits are ever built. The student's CE comes from TRL's fused LM head (chunked), and the
-KL is computed from the two models' final hidden states [N, hidden], `chunk_size` positions at a
-time; each chunk's gradient w.r.t. the student's hidden states is computed right there and kept
-([N, hidden], small), so peak extra memory is a few [chunk_size, vocab] fp32 buffers. The LM heads
-are frozen (LoRA trains the decoder), so no gradient w.r.t. the head weights is needed.
-
-The teacher is frozen, in eval mode and never wrapped by PEFT. Under DeepSpeed it is prepared for
-inference by TRL's `prepare_deepspeed` (partitioned under ZeRO-3, replicated otherwise), never as a
-trained engine. Its forward runs through its own full forward (so ZeRO-3's hooks see a complete
-forward) with the LM head on one position only; a hook on its backbone captures the final hidden states.
+`objective: distill` (DistillationTrainer): loss = alpha · KL(teacher ‖ student) + (1 − alpha) · CE, the KL at a
+temperature, teacher-forced on the training batch. `objective: onpolicy` (OnPolicyDistillationTrainer): the KL on
+the student's own generations. The KL comes from both models' final hidden states, a chunk of positions at a
+time, so no [N, vocab] logits are built. The formula, the memory and the teacher under DeepSpeed:
+docs/architecture.md, section "Objectives: `sft` and `distill`".
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from trl import SFTTrainer
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from evaluation.generation import stop_token_ids
-from evaluation.inputs import pad_batch, pad_id
-from fisher.head import LogitHead
+from core.logits import HiddenCapture, LogitHead
+from core.tokens import pad_batch, pad_id, stop_token_ids, vocabulary_difference
+from heal.config import HealConfig
+from heal.trainer import HealTrainer
 from stack.manifest import StackManifest
 
 logger = logging.getLogger(__name__)
@@ -53,7 +38,7 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tempera
     return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-# ---- the chunked KL over the LM heads (fisher.head.LogitHead: z = softcap(h Wᵀ + b)) ---------------------
+# ---- the chunked KL over the LM heads (core.logits.LogitHead: z = softcap(h Wᵀ + b)) ---------------------
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -95,26 +80,6 @@ def chunked_kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, s
                             chunk_size)
 
 
-# ---- capturing the backbone's final hidden states ----------------------------------------------------------
-
-
-class HiddenCapture:
-    """A forward hook on a causal LM's backbone (`base_model`) that keeps its last_hidden_state [B, L, H]."""
-
-    def __init__(self, causal_lm: nn.Module):
-        self.hidden: torch.Tensor | None = None
-        self._handle = causal_lm.base_model.register_forward_hook(self._keep)
-
-    def _keep(self, module, args, output):
-        self.hidden = output.last_hidden_state
-
-    def take(self) -> torch.Tensor:
-        hidden, self.hidden = self.hidden, None
-        if hidden is None:
-            raise RuntimeError("the backbone's forward hook saw no forward: the hidden states to distill are missing")
-        return hidden
-
-
 # ---- the teacher -------------------------------------------------------------------------------------------
 
 
@@ -141,14 +106,10 @@ def resolve_teacher(teacher: str | None, manifest: StackManifest | None) -> str:
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer, teacher: str) -> None:
     """Distillation compares distributions token by token: both models must index the same vocabulary."""
-    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if student_vocab == teacher_vocab:
-        return
-    differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda item: item[1])
-    token, index = differing[0]
-    raise TeacherError(f"teacher {teacher!r} has another tokenizer than the student: vocab sizes {len(teacher_vocab)} "
-                       f"vs {len(student_vocab)}, first difference at id {index} ({token!r}); distillation needs the "
-                       "same tokenizer (name the source model as `teacher:`)")
+    difference = vocabulary_difference(teacher_tokenizer, student_tokenizer)
+    if difference is not None:
+        raise TeacherError(f"teacher {teacher!r} has another tokenizer than the student: {difference}; distillation "
+                           "needs the same tokenizer (name the source model as `teacher:`)")
 
 
 def load_teacher(teacher: str, dtype: torch.dtype) -> nn.Module:
@@ -187,34 +148,27 @@ class TeacherForward:
 # ---- the trainer -------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DistillConfig:
-    alpha: float = 1.0  # weight of the KL term; 1 − alpha goes to the SFT/CPT label loss
-    temperature: float = 1.0
-    tokens: str = "loss"  # "loss": the label loss's tokens; "all": every non-pad position
-    chunk_size: int = 256  # positions per KL chunk: peak extra memory ≈ 4 · chunk_size · vocab · 4 bytes
+class DistillationTrainer(HealTrainer):
+    """A HealTrainer whose loss is alpha · KL(teacher ‖ student) + (1 − alpha) · CE, with alpha, the temperature,
+    the tokens counted and the chunk size from `heal` (its distill_* fields)."""
 
-
-class DistillationTrainer(SFTTrainer):
-    """An SFTTrainer whose loss is alpha · KL(teacher ‖ student) + (1 − alpha) · CE."""
-
-    def __init__(self, *, teacher: nn.Module, distill: DistillConfig, **sft_trainer_kwargs):
-        super().__init__(**sft_trainer_kwargs)
-        self.distill = distill
+    def __init__(self, *, teacher: nn.Module, heal: HealConfig, **heal_trainer_kwargs):
+        super().__init__(**heal_trainer_kwargs)
+        self.heal = heal
         self.teacher = TeacherForward(teacher, self.accelerator)
         student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.student_head = LogitHead.of(student)
         self._student_hidden = HiddenCapture(student)  # TRL's fused forward calls student.base_model
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ce = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    def objective_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ce = super().objective_loss(model, inputs, return_outputs, num_items_in_batch)
         ce, outputs = ce if return_outputs else (ce, None)
         kl_sum, count, positions = self._kl_sum(inputs)
         kl = kl_sum / self._kl_normalizer(positions, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         local_mean = kl_sum.detach() / count.clamp(min=1)
         self._metrics[mode]["distill_kl"].append(self.accelerator.gather_for_metrics(local_mean).mean().item())
-        loss = self.distill.alpha * kl + (1 - self.distill.alpha) * ce
+        loss = self.heal.distill_alpha * kl + (1 - self.heal.distill_alpha) * ce
         return (loss, outputs) if return_outputs else loss
 
     def _kl_sum(self, inputs):
@@ -225,13 +179,13 @@ class DistillationTrainer(SFTTrainer):
         heads = (self.student_head.weight, self.student_head.bias, self.teacher.head.weight, self.teacher.head.bias)
         with maybe_gather_lm_head_ctx(*heads):  # ZeRO-3: the heads are partitioned outside their forward
             kl_sum = chunked_kl_sum(student_hidden[positions], teacher_hidden[positions].to(student_hidden.device),
-                                    self.student_head, self.teacher.head, self.distill.temperature,
-                                    self.distill.chunk_size)
+                                    self.student_head, self.teacher.head, self.heal.distill_temperature,
+                                    self.heal.distill_chunk_size)
         return kl_sum, positions.sum(), positions
 
     def _positions(self, inputs) -> torch.Tensor:
         """[B, L-1] bool: the positions whose next token the KL counts."""
-        if self.distill.tokens == "loss":
+        if self.heal.distill_tokens == "loss":
             return inputs["labels"][:, 1:] != -100
         if "attention_mask" not in inputs:
             raise TeacherError("distill_tokens: all needs an attention_mask (padding-free batches have none); "
@@ -245,7 +199,7 @@ class DistillationTrainer(SFTTrainer):
         number of processes (DDP averages the gradients; TRL's CE does the same). "all" tokens: a
         per-micro-batch mean, divided by the accumulation steps when the Trainer leaves that to the loss.
         """
-        if self.distill.tokens == "loss":
+        if self.heal.distill_tokens == "loss":
             if num_items_in_batch is None:
                 return positions.sum().clamp(min=1)
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
@@ -254,20 +208,10 @@ class DistillationTrainer(SFTTrainer):
 
     def _micro_batch_normalizer(self, positions, num_items_in_batch):
         """A per-micro-batch mean, divided by the accumulation steps when the Trainer leaves that to the loss."""
-        # As in Trainer.training_step.
-        scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        steps = self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
-        return positions.sum().clamp(min=1) * steps
+        return positions.sum().clamp(min=1) * self.accumulation_divisor(num_items_in_batch)
 
 
 # ---- on-policy distillation --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OnPolicyConfig:
-    lmbda: float = 1.0  # share of micro-batches whose completions the student generates (TRL GKD's lmbda)
-    max_new_tokens: int = 96
-    temperature: float = 1.0  # sampling temperature of the student's generations; 0: greedy
 
 
 def prompt_tokens(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -307,54 +251,52 @@ def completion_batch(prompts: list[torch.Tensor], completions: list[torch.Tensor
             "labels": labels.to(device)}
 
 
-def generation_kwargs(onpolicy: OnPolicyConfig, stops: list[int], pad: int) -> dict:
-    """generate's settings: sampling from the student's own distribution at the temperature (greedy at 0).
-    Whatever truncation or penalty the checkpoint's generation_config.json would fill in is switched off
-    (transformers 5 takes every value not passed from it)."""
-    greedy = onpolicy.temperature == 0
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": onpolicy.temperature}
-    return dict(max_new_tokens=onpolicy.max_new_tokens, num_beams=1, top_k=0, top_p=1.0, min_p=0.0,
+def generation_kwargs(heal: HealConfig, stops: list[int], pad: int) -> dict:
+    """generate's settings: sampling from the student's own distribution at onpolicy_temperature (greedy at 0),
+    up to onpolicy_max_new_tokens. Whatever truncation or penalty the checkpoint's generation_config.json would
+    fill in is switched off (transformers 5 takes every value not passed from it)."""
+    greedy = heal.onpolicy_temperature == 0
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": heal.onpolicy_temperature}
+    return dict(max_new_tokens=heal.onpolicy_max_new_tokens, num_beams=1, top_k=0, top_p=1.0, min_p=0.0,
                 repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=stops, pad_token_id=pad, use_cache=True,
                 **sampling)
 
 
 class OnPolicyDistillationTrainer(DistillationTrainer):
     """On-policy distillation (GKD, Agarwal et al. 2024; TRL's GKDTrainer with beta = 0): with probability
-    lmbda per training micro-batch, the student generates the completion of each row's prompt and the
+    onpolicy_lmbda per training micro-batch, the student generates the completion of each row's prompt and the
     KL(teacher ‖ student) is taken on the student's own tokens, the teacher forced on them. Greedy loops are
     an exposure-bias failure: teacher-forced on the data, the student never trains on the states it loops in.
     Other micro-batches, and evaluation, are the teacher-forced distillation of DistillationTrainer.
 
     An on-policy micro-batch's KL is a mean over its generated tokens (the Trainer's num_items_in_batch counted
-    the data's labels). Its sequences can exceed max_length by up to max_new_tokens."""
+    the data's labels). Its sequences can exceed max_length by up to onpolicy_max_new_tokens. The onpolicy_*
+    settings are `heal`'s (HealConfig checks that distill_alpha is 1: a CE term on the student's own tokens
+    teaches nothing)."""
 
-    def __init__(self, *, onpolicy: OnPolicyConfig, distill: DistillConfig, **distillation_trainer_kwargs):
+    def __init__(self, **distillation_trainer_kwargs):
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():  # generation would need the partitioned weights gathered every step
             raise TeacherError("objective: onpolicy needs generation, unsupported under ZeRO-3 here; use ZeRO-2 or a "
                                "single process")
-        if distill.alpha != 1:
-            raise TeacherError(f"on-policy distillation needs alpha 1 (got {distill.alpha}): the labels are the "
-                               "student's own tokens, so a CE term on them teaches nothing")
-        super().__init__(distill=distill, **distillation_trainer_kwargs)
+        super().__init__(**distillation_trainer_kwargs)
         if self.padding_free:
             raise TeacherError("objective: onpolicy rebuilds padded batches from the student's generations; set "
                                "padding_free: false (and packing: false)")
-        self.onpolicy = onpolicy
         self._draw = random.Random(self.args.seed)  # which micro-batches are on-policy: one draw each, seeded
         self._on_policy_batch = False
         self._stops, self._pad = stop_token_ids(self.processing_class), pad_id(self.processing_class)
-        self._generation = generation_kwargs(onpolicy, self._stops, self._pad)
+        self._generation = generation_kwargs(self.heal, self._stops, self._pad)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def objective_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._on_policy_batch = False
         if self.model.training:
-            self._on_policy_batch = self._draw.random() < self.onpolicy.lmbda
+            self._on_policy_batch = self._draw.random() < self.heal.onpolicy_lmbda
             self._metrics["train"]["onpolicy_share"].append(float(self._on_policy_batch))
         if self._on_policy_batch:
             inputs = self._student_batch(model, inputs)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return super().objective_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _kl_normalizer(self, positions, num_items_in_batch):
         if self._on_policy_batch:  # num_items_in_batch counted the data's label tokens, not the generated ones

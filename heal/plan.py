@@ -2,14 +2,13 @@
 of a heal recipe, before launching it. No weights are loaded: the model is built on the meta device
 from config.json, and the protection plan reads only the targeted modules' Fisher tensors.
 
-    python -m heal.plan recipes/heal.yaml [--world-size 1 2 8] [--gpu-memory-gb 80] [--stack DIR]
+    python -m heal.plan recipes/heal.yaml [--world-size 1 2 8] [--gpu-memory-gb 80] [--stack DIR] [--key value]
 
 The memory model, formula by formula: docs/architecture.md, section "Before launching: `heal/plan.py`".
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import statistics
@@ -20,15 +19,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.cli import ConfigParser, setup_logging
+from fisher.factors import FactorsFileError, load_factors
 from fisher.file import FisherFileError, check_fisher_values, read_fisher_metadata
-from heal.config import DISTILLATIONS, HealConfig, HealConfigError, load_config
+from heal.config import DISTILLATIONS, HealConfig, HealConfigError, load_config, recipe_parser
 from heal.distill import TeacherError, resolve_teacher
+from heal.ewc import plan_ewc
+from heal.kfac import SubspaceProtection
 from heal.protection import (
-    ModuleProtection,
-    ProtectionConfig,
+    ModulePlan,
+    PenalisedModule,
     ProtectionError,
     check_fisher_provenance,
+    plan_kfac,
     plan_protection,
+    protected_modules,
     slot_fisher,
 )
 from heal.targets import TargetError, explicit_targets, select_targets
@@ -46,7 +51,8 @@ DEFAULT_WORLD_SIZES = (1, 2, 8)
 # buffers and allocator slack are not modelled), so a verdict of "fits" keeps this margin.
 DEFAULT_MARGIN = 1.7
 STAGES = ("no ZeRO", "ZeRO-2", "ZeRO-3")
-USER_ERRORS = (HealConfigError, TargetError, ProtectionError, TeacherError, FileNotFoundError, FisherFileError)
+USER_ERRORS = (HealConfigError, TargetError, ProtectionError, TeacherError, FileNotFoundError, FisherFileError,
+               FactorsFileError)
 
 
 # ---- the model, from config.json only ----------------------------------------------------------------------
@@ -148,16 +154,34 @@ def target_layers(targets: list[Target]) -> frozenset[int]:
 
 @dataclass(frozen=True)
 class ProtectionSummary:
-    plan: dict[str, ModuleProtection]
-    mass: dict[str, float]  # each planned module's total Fisher mass, to weigh the overall coverage
+    plan: dict[str, ModulePlan]
+    mass: dict[str, float] | None  # coordinates: each planned module's total Fisher mass, to weigh the coverage
+    left_out: tuple[str, ...] = ()  # targets protect_modules leaves unprotected
+
+    @property
+    def basis_bytes(self) -> int:
+        """kfac: the protected bases, fp32 buffers every rank holds whole (ZeRO partitions parameters, not
+        buffers). Coordinates' masks, the size of the LoRA factors, are left out as before."""
+        return sum(4 * (p.input_basis.numel() + p.output_basis.numel()) for p in self.plan.values()
+                   if isinstance(p, SubspaceProtection))
+
+    @property
+    def penalty_entries(self) -> int:
+        """ewc: the entries of F̃, buffers every rank holds whole, in the base weights' dtype."""
+        return sum(p.fisher.numel() for p in self.plan.values() if isinstance(p, PenalisedModule))
 
 
 def plan_module_protection(heal: HealConfig, manifest: StackManifest, targets: list[Target]) -> ProtectionSummary:
-    """heal/train.py's protection plan, reading only the source Fisher tensors the targets map to. The file is
-    checked as the heal checks it (fisher/file.py, check_fisher_provenance), so a plan is never printed for a
-    Fisher the heal would refuse."""
+    """heal/train.py's protection plan of the targets it protects (protect_modules), reading only the source Fisher
+    tensors they map to, or the K-FAC factors. The files are checked as the heal checks them (fisher/file.py,
+    fisher/factors.py, check_fisher_provenance), so a plan is never printed for a file the heal would refuse."""
     from safetensors import safe_open
 
+    names = protected_modules([t.name for t in targets], heal.protect_modules)
+    left_out = tuple(target.name for target in targets if target.name not in names)
+    targets = [target for target in targets if target.name in names]
+    if heal.protection == "kfac":
+        return ProtectionSummary(_kfac_plan(heal, manifest, targets), None, left_out)
     metadata = read_fisher_metadata(heal.fisher)
     check_fisher_provenance(heal.fisher, metadata, Path(heal.stack) / MANIFEST_NAME, manifest,
                             heal.fisher_allow_other_source)
@@ -175,9 +199,18 @@ def plan_module_protection(heal: HealConfig, manifest: StackManifest, targets: l
             fisher[source_name] = f.get_tensor(source_name)
             check_fisher_values(source_name, fisher[source_name], heal.fisher)
     slot_values = slot_fisher(fisher, manifest, heal.first_copy_only)
-    config = ProtectionConfig(heal.mass_share, heal.max_fraction, heal.first_copy_only)
-    plan = plan_protection(slot_values, [t.name for t in targets], config)
-    return ProtectionSummary(plan, {name: float(slot_values[f"{name}.weight"].double().sum()) for name in plan})
+    if heal.protection == "ewc":
+        return ProtectionSummary(plan_ewc(slot_values, [t.name for t in targets], heal.ewc_lambda), None, left_out)
+    plan = plan_protection(slot_values, [t.name for t in targets], heal.mass_share, heal.max_fraction)
+    mass = {name: float(slot_values[f"{name}.weight"].double().sum()) for name in plan}
+    return ProtectionSummary(plan, mass, left_out)
+
+
+def _kfac_plan(heal: HealConfig, manifest: StackManifest, targets: list[Target]) -> dict[str, ModulePlan]:
+    factors, metadata = load_factors(heal.factors_path)
+    check_fisher_provenance(heal.factors_path, metadata, Path(heal.stack) / MANIFEST_NAME, manifest,
+                            heal.fisher_allow_other_source)
+    return plan_kfac(factors, manifest, {t.name: (t.out_features, t.in_features) for t in targets}, heal)
 
 
 def _source_fisher_names(manifest: StackManifest, targets: list[Target]) -> dict[str, tuple[int, int]]:
@@ -301,8 +334,13 @@ class HealPlan:
         return sum(t.parameters for t in self.targets)
 
     def memory(self, stage: str, world: int) -> dict[str, int]:
-        return memory(self.shape, self.lora_parameters, target_layers(self.targets), self.work, stage, world,
-                      self.distill)
+        out = memory(self.shape, self.lora_parameters, target_layers(self.targets), self.work, stage, world,
+                     self.distill)
+        if self.protection is not None and self.protection.basis_bytes:
+            out["protection bases (kfac)"] = self.protection.basis_bytes  # the same at every stage and world size
+        if self.protection is not None and self.protection.penalty_entries:
+            out["Fisher penalty F̃ (ewc)"] = self.protection.penalty_entries * self.work.weight_bytes
+        return out
 
 
 def build_heal_plan(heal: HealConfig, sft, device: str = "cuda") -> HealPlan:
@@ -318,7 +356,10 @@ def build_heal_plan(heal: HealConfig, sft, device: str = "cuda") -> HealPlan:
     protection, note = None, "protect: false"
     if heal.protect and manifest is None:
         note = "no stack.json: protection maps the source Fisher onto slots through it"
-    elif heal.protect and not Path(heal.fisher).is_file():
+    elif heal.protect and heal.protection == "kfac" and not heal.factors_path.is_file():
+        note = (f"the K-FAC factors file {heal.factors_path} is absent; run `make fisher` with factors: true to plan "
+                "the protection")
+    elif heal.protect and heal.protection != "kfac" and not Path(heal.fisher).is_file():
         note = f"the Fisher file {heal.fisher} is absent; run `make fisher` to plan the protection"
     elif heal.protect:
         protection, note = plan_module_protection(heal, manifest, targets), ""
@@ -390,29 +431,58 @@ def _format_protection(plan: HealPlan) -> str:
     if plan.protection is None:
         return f"Protection: none ({plan.protection_note})."
     protected = plan.protection.plan
-    lines = [f"Protection ({len(protected)} of {len(plan.targets)} targets have a source Fisher): "
-             "protected inputs / in_features (Fisher mass covered), protected outputs / out_features (mass covered)"]
-    for target in plan.targets:
-        p = protected.get(target.name)
-        if p is None:
-            lines.append(f"  {target.group:<5} {target.name}: unprotected (no source Fisher)")
-        else:
-            lines.append(f"  {target.group:<5} {target.name}: in {len(p.inputs)}/{target.in_features} "
-                         f"({p.input_mass_covered:.3f}), out {len(p.outputs)}/{target.out_features} "
-                         f"({p.output_mass_covered:.3f})")
+    if isinstance(next(iter(protected.values()), None), PenalisedModule):
+        return _format_penalty(plan)
+    if plan.protection.mass is None:
+        header = ("K-FAC eigen-subspace protection ({} of {} targets have source factors): protected input "
+                  "eigenvectors / in_features (energy covered), output eigenvectors / out_features (energy covered)")
+    else:
+        header = ("Protection ({} of {} targets have a source Fisher): protected inputs / in_features (Fisher mass "
+                  "covered), protected outputs / out_features (mass covered)")
+    def dims(target, p) -> str:
+        (inputs, outputs), (input_share, output_share) = p.protected_dims, p.covered
+        return (f"in {inputs}/{target.in_features} ({input_share:.3f}), "
+                f"out {outputs}/{target.out_features} ({output_share:.3f})")
+
+    lines = [header.format(len(protected), len(plan.targets)), *_per_target(plan, protected, dims, "unprotected")]
     lines.append("  coverage by group (min / median / max):")
     groups = {t.name: t.group for t in plan.targets}
     for group in ("seam", "graft", "other"):
         members = [p for name, p in protected.items() if groups[name] == group]
         if members:
-            lines.append(f"    {group:<5} inputs {_spread([p.input_mass_covered for p in members])}, "
-                         f"outputs {_spread([p.output_mass_covered for p in members])}")
+            lines.append(f"    {group:<5} inputs {_spread([p.covered[0] for p in members])}, "
+                         f"outputs {_spread([p.covered[1] for p in members])}")
     mass = plan.protection.mass
-    total = sum(mass.values()) or 1.0
-    inputs = sum(p.input_mass_covered * mass[name] for name, p in protected.items()) / total
-    outputs = sum(p.output_mass_covered * mass[name] for name, p in protected.items()) / total
-    lines.append(f"    total (mass-weighted): inputs {inputs:.3f}, outputs {outputs:.3f}")
+    if mass is not None:
+        total = sum(mass.values()) or 1.0
+        inputs = sum(p.input_mass_covered * mass[name] for name, p in protected.items()) / total
+        outputs = sum(p.output_mass_covered * mass[name] for name, p in protected.items()) / total
+        lines.append(f"    total (mass-weighted): inputs {inputs:.3f}, outputs {outputs:.3f}")
     return "\n".join(lines)
+
+
+def _format_penalty(plan: HealPlan) -> str:
+    """`protection: ewc`: λ, the normalisation, and each target's share of Σ F̃ (its share of the penalty's weight)."""
+    penalised = plan.protection.plan
+    entry = next(iter(penalised.values()))
+    total = sum(p.fisher_total for p in penalised.values())
+    lines = [f"Fisher penalty (protection: ewc, ewc_lambda {entry.ewc_lambda}) on {len(penalised)} of "
+             f"{len(plan.targets)} targets, F̃ = F / {entry.fisher_mean:.6g}: each target's share of Σ F̃",
+             *_per_target(plan, penalised, lambda _, p: f"{p.fisher_total / total:.3f}", "not penalised")]
+    return "\n".join(lines)
+
+
+def _per_target(plan: HealPlan, entries: dict, describe, missing: str) -> list[str]:
+    """One line per LoRA target: `describe(target, entry)` where the plan has an entry, else why it has none."""
+    lines = []
+    for target in plan.targets:
+        entry = entries.get(target.name)
+        if entry is None:
+            why = "not in protect_modules" if target.name in plan.protection.left_out else "no source Fisher"
+            lines.append(f"  {target.group:<5} {target.name}: {missing} ({why})")
+        else:
+            lines.append(f"  {target.group:<5} {target.name}: {describe(target, entry)}")
+    return lines
 
 
 def _spread(values: list[float]) -> str:
@@ -457,34 +527,34 @@ def _column_name(stage: str, world: int) -> str:
 # ---- CLI ----------------------------------------------------------------------------------------------------------
 
 
-def load_recipe(recipe: str, stack: str | None = None):
-    """(HealConfig, SFTConfig) of the recipe, validated as heal/train.py does, on a machine without a GPU:
-    use_cpu keeps SFTConfig from refusing bf16 where no GPU is visible (planning runs before launching)."""
-    return load_config(recipe, use_cpu=True, **({"stack": stack} if stack else {}))
+def load_recipe(recipe: str | Path, **overrides):
+    """(HealConfig, SFTConfig) of the recipe, `overrides` on top, validated as heal/train.py does, on a machine
+    without a GPU: use_cpu keeps SFTConfig from refusing bf16 where no GPU is visible (planning runs before
+    launching)."""
+    return load_config(recipe, **{"use_cpu": True, **overrides})
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m heal.plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="heal recipe YAML (as for heal/train.py)")
+def make_parser() -> ConfigParser:
+    """heal/train.py's command line (a recipe and --key value overrides), plus the planning options."""
+    parser = recipe_parser("python -m heal.plan", __doc__)
     parser.add_argument("--world-size", type=int, nargs="+", default=list(DEFAULT_WORLD_SIZES),
                         help="GPUs to plan for (default: 1 2 8)")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU, GB (default 80)")
-    parser.add_argument("--stack", help="the raw stack folder, overriding the recipe's `stack:`")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                         help=f"a config fits when margin x estimate <= GPU memory (default {DEFAULT_MARGIN:g})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = make_parser()
+    overrides, args = parser.parse(argv)
+    setup_logging()
     if any(world < 1 for world in args.world_size):
-        make_parser().error(f"--world-size must be >= 1, got {args.world_size}")
+        parser.error(f"--world-size must be >= 1, got {args.world_size}")
     if args.margin < 1:
-        make_parser().error(f"--margin must be >= 1 (a factor on the estimate), got {args.margin:g}")
+        parser.error(f"--margin must be >= 1 (a factor on the estimate), got {args.margin:g}")
     try:
-        heal, sft = load_recipe(args.recipe, args.stack)
+        heal, sft = load_recipe(args.config, **overrides)
         plan = build_heal_plan(heal, sft)
     except USER_ERRORS as error:
         logger.error("%s", error)

@@ -26,7 +26,7 @@ def select_targets(model: nn.Module, manifest: StackManifest, modules: tuple[str
     """{module name in the model: group} for every nn.Linear of the text decoder that is targeted."""
     prefix = manifest.layer_prefix
     pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.(.+)$")
-    seam_slots = {s for seam in manifest.seams for s in range(seam.slot - seam_width, seam.slot + seam_width)}
+    seam_slots = {slot.index for slot in manifest.slots_near_seams(seam_width)}
     groups, kinds = {}, set()
     for name, module in model.named_modules():
         match = pattern.match(name)
@@ -46,6 +46,19 @@ def select_targets(model: nn.Module, manifest: StackManifest, modules: tuple[str
         raise TargetError(f"modules {unknown or list(modules)} match no Linear of the decoder layers under {prefix!r} "
                           f"(seam_width {seam_width}); the layers have {sorted(k for k in kinds if '.' not in k)}")
     return dict(sorted(groups.items()))
+
+
+def target_slots(manifest: StackManifest, targets: tuple[str, ...] | None, seam_width: int,
+                 all_layers: bool = False) -> set[int]:
+    """The slots whose own (not grafted K/V) modules get LoRA, from stack.json and the recipe alone, before any
+    model is built: the explicit `targets:`' slots, else the seam slots (every slot with all_layers)."""
+    if not targets:  # as heal/train.py: no explicit targets, the seam slots
+        slots = manifest.slots if all_layers else manifest.slots_near_seams(seam_width)
+        return {slot.index for slot in slots}
+    pattern = re.compile(rf"^{re.escape(manifest.layer_prefix)}(\d+)\.(.+)$")
+    slot_kinds = [(int(match.group(1)), match.group(2)) for name in targets if (match := pattern.match(name))]
+    return {slot for slot, kind in slot_kinds  # a slot index past the stack is explicit_targets' error, later
+            if slot < len(manifest.slots) and not manifest.is_grafted_kv(manifest.slots[slot], f"{kind}.")}
 
 
 def explicit_targets(model: nn.Module, names: list[str]) -> dict[str, str]:

@@ -3,19 +3,14 @@
     accelerate launch heal/train.py recipes/heal.yaml
     python heal/train.py --config recipes/heal.yaml        # one process
     python heal/train.py recipes/heal.yaml --plan          # targets, protection and memory; no training
+    python heal/train.py recipes/heal.yaml --max_steps 10  # any HealConfig or SFTConfig field as --key value
 
-DeepSpeed on CPU (how the tests run ZeRO-2/3 with 2 processes over gloo):
-    DS_ACCELERATOR=cpu accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 2 \
-        heal/train.py recipe.yaml
-
-Outputs (adapter, protection.safetensors, metrics, merged/), resume and protection:
-see docs/architecture.md, section "The heal (`heal/`)".
+Outputs (adapter, protection.safetensors, metrics, merged/), resume, protection and DeepSpeed on the CPU:
+docs/architecture.md, section "The heal (`heal/`)".
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import shutil
@@ -23,41 +18,42 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
-from fisher.data import DataError, check_chat_template, load_trl_datasets
+from core.cards import CARD_NAME
+from core.checkpoint import SourceError, check_data_present, open_source
+from core.cli import ConfigParser, log_config, setup_logging
+from core.data import DataError, check_chat_template, load_trl_datasets
+from core.outputs import staged_output
+from fisher.factors import FactorsFileError, ModuleFactors, load_factors
 from fisher.file import FisherFileError, load_fisher
 from heal.card import heal_card, write_adapter_card
-from heal.config import DISTILLATIONS, HealConfig, HealConfigError, config_to_dict, load_config
+from heal.config import DISTILLATIONS, HealConfig, HealConfigError, config_to_dict, load_config, recipe_parser
 from heal.distill import (
     DistillationTrainer,
-    DistillConfig,
-    OnPolicyConfig,
     OnPolicyDistillationTrainer,
     TeacherError,
     check_same_tokenizer,
     load_teacher,
     resolve_teacher,
 )
+from heal.ewc import FisherPenalty, plan_ewc
 from heal.protection import (
     PROTECTION_FILE,
-    ModuleProtection,
-    ProtectionConfig,
+    ModulePlan,
+    Protection,
     ProtectionError,
-    attach,
-    bake,
-    bake_adapter_file,
+    check_factor_layers,
     check_fisher_matches,
     check_fisher_provenance,
     load_protection,
     plan_difference,
+    plan_kfac,
     plan_protection,
-    save_protection,
+    protected_modules,
     slot_fisher,
 )
-from heal.targets import TargetError, explicit_targets, select_targets
-from stack.atomic import staged_output
-from stack.card import CARD_NAME
+from heal.targets import TargetError, explicit_targets, select_targets, target_slots
+from heal.trainer import HealTrainer
 from stack.manifest import (
     MANIFEST_NAME,
     ManifestError,
@@ -65,40 +61,31 @@ from stack.manifest import (
     check_manifest_matches_config,
     load_manifest,
 )
-from stack.source import SourceError, check_data_present, open_source
 
 logger = logging.getLogger("heal")
 
 USER_ERRORS = (HealConfigError, TargetError, ProtectionError, TeacherError, FileNotFoundError, DataError, SourceError,
-               FisherFileError)
+               FisherFileError, FactorsFileError)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heal/train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", nargs="?", help="heal recipe YAML (HealConfig and SFTConfig fields)")
-    parser.add_argument("--config", help="the recipe, as a flag (alignment-handbook style)")
+def make_parser() -> ConfigParser:
+    parser = recipe_parser("heal/train.py", __doc__)
     parser.add_argument("--plan", action="store_true",
                         help="load no weights: print the targets, protection and peak GPU memory per rank for "
-                        "ZeRO-2/3, then exit; heal.plan's options follow (--world-size, --gpu-memory-gb, --stack)")
+                        "ZeRO-2/3, then exit; heal.plan's options follow (--world-size, --gpu-memory-gb, --margin)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args, plan_options = parser.parse_known_args(argv)  # with --plan, the rest goes to heal.plan (--world-size ...)
-    recipe = args.recipe or args.config
-    if not recipe:
-        parser.error("give the recipe: heal/train.py recipes/heal.yaml")
-    if args.plan:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--plan" in argv:  # the rest goes to heal.plan (--world-size ...), which reads the recipe the same way
         from heal.plan import main as plan_main
 
-        return plan_main([recipe, *plan_options])
-    if plan_options:
-        parser.error(f"unrecognized arguments: {' '.join(plan_options)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return plan_main([arg for arg in argv if arg != "--plan"])
+    overrides, args = make_parser().parse(argv)
+    setup_logging()
     try:
-        heal, sft = load_config(recipe)
+        heal, sft = load_config(args.config, **overrides)
         _agree_on_world_size()
         run(heal, sft)
     except USER_ERRORS as error:
@@ -124,90 +111,146 @@ def _agree_on_world_size() -> None:
 
 
 def run(heal: HealConfig, sft) -> None:
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTTrainer
+    """The heal, top to bottom: check the inputs, build the targets, the protection and the trainer, train, save."""
+    from transformers import AutoTokenizer
 
-    logger.info("resolved config:\n%s", json.dumps(config_to_dict(heal, sft), indent=2, default=str))
-    stack_dir = Path(heal.stack)
+    log_config(logger, config_to_dict(heal, sft))
     # Everything that can be checked without the model is checked first: bad input fails in seconds,
     # not after a 24 GB load.
+    manifest, fisher = _check_inputs(heal)
+    checkpoint = _resume_checkpoint(heal, sft)
+    tokenizer = AutoTokenizer.from_pretrained(heal.stack)
+    dataset = _load_dataset(heal, sft, tokenizer)
+    teacher = _teacher_path(heal, manifest, tokenizer)
+    model = _load_model(heal, sft)
+    groups = _build_targets(heal, manifest, model)
+    protection = _build_protection(heal, manifest, model, groups, fisher, checkpoint) if heal.protect else None
+    del fisher  # fp32, as large as the decoder's weights (or the stored bases): planned, no longer needed
+    trainer = _build_trainer(heal, sft, model, tokenizer, dataset, groups, teacher, protection)
+    _train(trainer, checkpoint)
+    _save(trainer, heal, groups, tokenizer)
+
+
+def _check_inputs(heal: HealConfig) -> tuple[StackManifest | None, dict | None]:
+    """Checks the stack (its manifest, and every shard holding its weights' bytes) and, with protect, loads the
+    Fisher (or its K-FAC factors) and checks it against the stack's source. Returns (the manifest, None if the
+    stack has none and needs none; the Fisher tensors or factors by source name, None without protect)."""
+    stack_dir = Path(heal.stack)
     manifest = _manifest(stack_dir, required=heal.targets is None or heal.protect)
     _check_stack_data(stack_dir)
     fisher = _fisher(heal, stack_dir, manifest) if heal.protect else None
+    return manifest, fisher
+
+
+def _resume_checkpoint(heal: HealConfig, sft) -> str | None:
+    """The checkpoint this run resumes from (None: a fresh start), refused if it was written with protection
+    switched the other way; an unprotected heal also removes a stale protection.safetensors from output_dir."""
     checkpoint = _last_checkpoint(sft)
     _check_resume_protection(checkpoint, heal.protect)
     if not heal.protect:
         _remove_stale_protection(Path(sft.output_dir))
-    tokenizer = AutoTokenizer.from_pretrained(stack_dir)
-    dataset = _dataset(heal, sft, tokenizer, stack_dir)
-    teacher = _teacher_path(heal, manifest, tokenizer)
-    dtype = torch.bfloat16 if sft.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(stack_dir, dtype=dtype, quantization_config=_quantization(heal))
+    return checkpoint
+
+
+def _load_model(heal: HealConfig, sft):
+    """The raw stack, in the training dtype (4-bit NF4 with load_in_4bit)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(heal.stack, dtype=_dtype(sft), quantization_config=_quantization(heal))
+
+
+def _dtype(sft) -> torch.dtype:
+    return torch.bfloat16 if sft.bf16 else torch.float32
+
+
+def _build_targets(heal: HealConfig, manifest: StackManifest | None, model) -> dict[str, str]:
+    """{module name: LoRA group}: the explicit `targets:`, else the seam slots and grafted K/V from stack.json."""
     if heal.targets:
         groups = explicit_targets(model, list(heal.targets))
     else:
         groups = select_targets(model, manifest, heal.modules, heal.seam_width, heal.all_layers)
     logger.info("LoRA targets (%d modules):\n%s", len(groups),
                 "\n".join(f"  {group:<5} {name}" for name, group in groups.items()))
-    plan = _protection_plan(heal, manifest, model, list(groups), fisher) if heal.protect else {}
-    del fisher  # fp32, as large as the decoder's weights: planned, no longer needed
+    return groups
+
+
+def _build_protection(heal: HealConfig, manifest: StackManifest, model, groups: dict[str, str],
+                      fisher: dict, checkpoint: str | None) -> Protection | FisherPenalty:
+    """The plan of the targeted modules it protects (protect_modules): their protected coordinates from the
+    Fisher, their protected bases from the K-FAC factors, or their normalised Fisher for the penalty (ewc), mapped
+    onto the stack's slots; a resumed checkpoint must have been trained under the same plan."""
+    modules = protected_modules(list(groups), heal.protect_modules)
+    if heal.protection == "kfac":
+        plan = plan_kfac(fisher, manifest, _shapes(model, modules), heal)
+    else:
+        check_fisher_matches(fisher, _source_shapes(model, manifest), manifest.source.model)
+        mapped = slot_fisher(fisher, manifest, heal.first_copy_only)
+        if heal.protection == "ewc":
+            plan = plan_ewc(mapped, modules, heal.ewc_lambda)
+        else:
+            plan = plan_protection(mapped, modules, heal.mass_share, heal.max_fraction)
     _check_resume_plan(checkpoint, plan)
     shapes = _shapes(model, plan)
     for name, protection in plan.items():
         logger.info("protect %s: %s", name, protection.report(shapes[name]))
+    return FisherPenalty(plan, shapes, heal) if heal.protection == "ewc" else Protection(plan, shapes, heal)
+
+
+def _build_trainer(heal: HealConfig, sft, model, tokenizer, dataset, groups: dict[str, str], teacher: str | None,
+                   protection: Protection | FisherPenalty | None) -> HealTrainer:
+    """LoRA on `groups`, protected (or penalised: a FisherPenalty) when `protection` is given; SFT, or distillation
+    from `teacher`."""
+    penalised = isinstance(protection, FisherPenalty)
+    kwargs = dict(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer,
+                  peft_config=_lora_config(heal, groups), protection=None if penalised else protection,
+                  penalty=protection if penalised else None)
+    if teacher is None:
+        return HealTrainer(**kwargs)
+    trainer_class = OnPolicyDistillationTrainer if heal.objective == "onpolicy" else DistillationTrainer
+    return trainer_class(teacher=load_teacher(teacher, _dtype(sft)), heal=heal, **kwargs)
+
+
+def _lora_config(heal: HealConfig, groups: dict[str, str]):
+    """PEFT's LoraConfig: each targeted module gets its group's rank and alpha."""
+    from peft import LoraConfig
 
     rank = {"seam": heal.seam_r, "graft": heal.graft_r, "other": heal.other_r}
     alpha = {"seam": heal.seam_alpha, "graft": heal.graft_alpha, "other": heal.other_alpha}
-    lora = LoraConfig(
+    return LoraConfig(
         r=heal.seam_r, lora_alpha=heal.seam_alpha, lora_dropout=heal.lora_dropout, task_type="CAUSAL_LM",
         target_modules=list(groups),
         rank_pattern={f"^{name}$": rank[group] for name, group in groups.items()},
         alpha_pattern={f"^{name}$": alpha[group] for name, group in groups.items()},
     )
-    trainer_kwargs = dict(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
-    if heal.protect:  # every checkpoint records the plan its adapter was trained and baked under
-        trainer_kwargs["callbacks"] = [RecordProtection(plan, shapes, _protection_config(heal))]
-    if teacher is None:
-        trainer = SFTTrainer(**trainer_kwargs)
-    else:
-        distill = DistillConfig(heal.distill_alpha, heal.distill_temperature, heal.distill_tokens,
-                                heal.distill_chunk_size)
-        trainer_kwargs.update(teacher=load_teacher(teacher, dtype), distill=distill)
-        if heal.objective == "onpolicy":
-            onpolicy = OnPolicyConfig(heal.onpolicy_lmbda, heal.onpolicy_max_new_tokens, heal.onpolicy_temperature)
-            trainer = OnPolicyDistillationTrainer(onpolicy=onpolicy, **trainer_kwargs)
-        else:
-            trainer = DistillationTrainer(**trainer_kwargs)
-    if plan:
-        attach(trainer.model, plan)
-        # Zero the protected entries now: the masks give them exactly zero gradient, so AdamW's moments
-        # stay 0 and decoupled weight decay keeps 0 at 0: every checkpoint's adapter is exact too.
-        bake(trainer.model, plan)
+
+
+def _train(trainer: HealTrainer, checkpoint: str | None) -> None:
+    """Train, from `checkpoint` if given; the trainer saves (and protects) every checkpoint-N/ on its way."""
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()  # trainer_state.json: the per-step log history
 
-    trainer.save_model(sft.output_dir)  # gathers ZeRO-3 partitions
+
+def _save(trainer: HealTrainer, heal: HealConfig, groups: dict[str, str], tokenizer) -> None:
+    """The adapter in output_dir, protected by the same save as every checkpoint, its model card, and with
+    merge: the merged model."""
+    output_dir = Path(trainer.args.output_dir)
+    trainer.save_model(str(output_dir))  # every rank: ZeRO-3 gathers the partitions; one process writes
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
-        output_dir = Path(sft.output_dir)
-        if plan:
-            bake_adapter_file(output_dir / "adapter_model.safetensors", plan)
-            save_protection(output_dir / PROTECTION_FILE, plan, shapes, _protection_config(heal))
         write_adapter_card(output_dir, heal, groups)  # in place of the empty template PEFT's save wrote
         if heal.merge:
-            _write_merged(stack_dir, output_dir, tokenizer, heal_card("merged", heal, groups, output_dir))
+            _write_merged(Path(heal.stack), output_dir, tokenizer, heal_card("merged", heal, groups, output_dir))
 
 
-def _dataset(heal: HealConfig, sft, tokenizer, stack_dir: Path):
+def _load_dataset(heal: HealConfig, sft, tokenizer):
     """The datasets in TRL's columns, mixed by weight; SFTTrainer trains on one format at a time."""
     from datasets import concatenate_datasets
 
     loaded = load_trl_datasets(heal.datasets, heal.num_examples, sft.seed, sft.dataset_text_field)
     parts = [part.remove_columns("_row") for part in loaded]
     for spec, part in zip(heal.datasets, parts):
-        check_chat_template(part, spec, tokenizer, str(stack_dir))
+        check_chat_template(part, spec, tokenizer, heal.stack)
     formats = {tuple(part.column_names) for part in parts}
     if len(formats) > 1:
         raise HealConfigError(f"the datasets mix TRL formats {sorted(formats)}; SFTTrainer trains on one format at a "
@@ -262,8 +305,8 @@ def _last_checkpoint(sft) -> str | None:
 
 
 def _check_resume_protection(checkpoint: str | None, protect: bool) -> None:
-    """A checkpoint's adapter was trained and baked under the protection plan recorded beside it (RecordProtection);
-    resuming it with protection switched on or off would load entries the new plan does not hold at zero, or
+    """A checkpoint's adapter was trained and baked under the protection plan recorded beside it (HealTrainer's
+    save); resuming it with protection switched on or off would load entries the new plan does not hold at zero, or
     protect coordinates that already moved."""
     if checkpoint is None:
         return
@@ -274,9 +317,9 @@ def _check_resume_protection(checkpoint: str | None, protect: bool) -> None:
                                    f"protect: {str(protect).lower()}")
 
 
-def _check_resume_plan(checkpoint: str | None, plan: dict[str, ModuleProtection]) -> None:
-    """The recorded plan must be this run's, coordinate for coordinate (another Fisher, mass_share or target
-    set gives another plan)."""
+def _check_resume_plan(checkpoint: str | None, plan: dict[str, ModulePlan]) -> None:
+    """The recorded plan must be this run's, coordinate for coordinate or basis for basis (another Fisher or
+    factors, protection kind, share or target set gives another plan)."""
     record = Path(checkpoint or "") / PROTECTION_FILE
     if checkpoint is None or not record.is_file():
         return
@@ -300,20 +343,6 @@ def _remove_stale_protection(output_dir: Path) -> None:
         logger.warning("removing %s: this heal has protect: false, so that audit file would describe a guarantee "
                        "its adapter does not hold", stale)
         stale.unlink()
-
-
-class RecordProtection(TrainerCallback):
-    """Writes protection.safetensors (the plan) into every checkpoint-N/, on the main process, once the
-    Trainer has saved it; _check_resume_* compare it with the plan of a run that resumes from there."""
-
-    def __init__(self, plan: dict[str, ModuleProtection], shapes: dict[str, tuple[int, int]],
-                 config: ProtectionConfig):
-        self.plan, self.shapes, self.config = plan, shapes, config
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            save_protection(checkpoint / PROTECTION_FILE, self.plan, self.shapes, self.config)
 
 
 def _manifest(stack_dir: Path, required: bool) -> StackManifest | None:
@@ -340,23 +369,25 @@ def _check_stack_data(stack_dir: Path) -> None:
     check_data_present(open_source(str(stack_dir.resolve())))
 
 
-def _fisher(heal: HealConfig, stack_dir: Path, manifest: StackManifest) -> dict[str, torch.Tensor]:
-    """The Fisher tensors, checked before any model loads: format_version, finite and >= 0, and computed on
-    the stack's source checkpoint (shard hashes)."""
+def _fisher(heal: HealConfig, stack_dir: Path, manifest: StackManifest) -> dict:
+    """The Fisher tensors (protection: coordinates) or its K-FAC factors (kfac), checked before any model loads:
+    format_version, values, and computed on the stack's source checkpoint (shard hashes)."""
+    if heal.protection == "kfac":
+        return _factors(heal, stack_dir, manifest)
     tensors, metadata = load_fisher(heal.fisher)
     check_fisher_provenance(heal.fisher, metadata, stack_dir / MANIFEST_NAME, manifest, heal.fisher_allow_other_source)
     return tensors
 
 
-def _protection_config(heal: HealConfig) -> ProtectionConfig:
-    return ProtectionConfig(mass_share=heal.mass_share, max_fraction=heal.max_fraction,
-                            first_copy_only=heal.first_copy_only)
-
-
-def _protection_plan(heal: HealConfig, manifest: StackManifest, model, modules: list[str],
-                     fisher: dict[str, torch.Tensor]) -> dict[str, ModuleProtection]:
-    check_fisher_matches(fisher, _source_shapes(model, manifest), manifest.source.model)
-    return plan_protection(slot_fisher(fisher, manifest, heal.first_copy_only), modules, _protection_config(heal))
+def _factors(heal: HealConfig, stack_dir: Path, manifest: StackManifest) -> dict[str, ModuleFactors]:
+    """The K-FAC factors by source module, with the same provenance check as the Fisher's, and covering the
+    source layer of every slot the heal trains (module by module once the targets are built: plan_kfac)."""
+    factors, metadata = load_factors(heal.factors_path)
+    check_fisher_provenance(heal.factors_path, metadata, stack_dir / MANIFEST_NAME, manifest,
+                            heal.fisher_allow_other_source)
+    check_factor_layers(factors, manifest, target_slots(manifest, heal.targets, heal.seam_width, heal.all_layers),
+                        heal)
+    return factors
 
 
 def _source_shapes(model, manifest: StackManifest) -> dict[str, tuple[int, ...]]:
@@ -376,8 +407,9 @@ def _shape(param) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions hold the full shape in ds_shape
 
 
-def _shapes(model, plan) -> dict[str, tuple[int, int]]:
-    return {name: _shape(model.get_submodule(name).weight) for name in plan}
+def _shapes(model, modules) -> dict[str, tuple[int, int]]:
+    """[out, in] of each named module (a plan's keys or a list of names)."""
+    return {name: _shape(model.get_submodule(name).weight) for name in modules}
 
 
 def _write_merged(stack_dir: Path, output_dir: Path, tokenizer, card: str) -> None:

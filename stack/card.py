@@ -1,16 +1,10 @@
 """The raw stack's model card: README.md in the stack folder, written by the stacker from the files beside it.
 
-Every fact comes from the written folder, never from the recipe's intent: the slots, seams, attention types
-and KV layout from stack.json, the parameter breakdown from the shards' safetensors headers (shapes only, no
-tensor data), the PLE widths from config.json. The source's hub id, revision and license come from where the
-source was read (a hub id or the HF cache's snapshot folder, and the source's own card), and are left out
-when unknown: a card never names a local folder. The front matter is YAML the Hub reads (base_model,
-base_model_relation, license, tags, pipeline_tag) and is parsed back with huggingface_hub.ModelCard before
-the card is written.
-
     python -m stack.card OUT [--source SOURCE]     # (re)write OUT/README.md for an existing stack
 
-The helpers at the bottom (ranges, paths, front matter) are shared with heal/card.py.
+Every fact comes from the written folder, never from the recipe's intent; which fact comes from which file:
+docs/architecture.md, section "Model cards". What heal/card.py writes the same way (the source's Hub facts,
+ranges, paths, rendering) is in core/cards.py.
 """
 
 from __future__ import annotations
@@ -19,102 +13,37 @@ import argparse
 import json
 import logging
 import math
-import os
-import re
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from core.cards import (
+    CARD_NAME,
+    REPO,
+    SOURCE_PLACEHOLDER,
+    SourceFacts,
+    display_path,
+    ranges,
+    render_card,
+    source_facts,
+    span,
+)
+from core.cli import setup_logging
+from core.files import read_safetensors_header
+from core.outputs import write_file_atomic
+
 from .architectures import Architecture
-from .atomic import write_file_atomic
 from .manifest import StackManifest, load_manifest
 from .plan import Seam, Slot
 from .recipe import load_recipe
-from .source import read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
-CARD_NAME = "README.md"
-REPO = Path(__file__).resolve().parents[1]
 SEED_RECIPE = REPO / "recipes" / "e6b.yaml"
 # What ../shared/seed-model-card.txt states about the seed recipe's stack, and this card corrects.
 SEED_CARD_DECODER_PARAMETERS = 6.65e9
 SEED_CARD_RHYTHM = 6  # "E4B's 5-sliding : 1-full rhythm": full attention at every 6th slot, by index
-LOCAL_PATH = "<local path>"
-SOURCE_PLACEHOLDER = "<source folder>"
-_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<revision>[0-9a-f]{40})$")
-
-
-class CardError(ValueError):
-    pass
-
-
-# ---- the source, as the Hub knows it ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SourceFacts:
-    hub_id: str | None  # "org/name" when the source came from the Hub (or its cache); None for a local folder
-    revision: str | None  # the snapshot's commit, when read from the HF cache
-    license: str | None  # from the source's own card front matter or config.json
-    command_source: str  # what the rebuild command passes as --source: never a local absolute path
-
-
-def source_facts(model: str, directory: Path | None) -> SourceFacts:
-    """What a card may say about the source named `model` (as given to the stacker) and read from `directory`."""
-    hub_id, revision = _hub_id_and_revision(model, directory)
-    license_ = _source_license(directory, hub_id, revision)
-    if hub_id:
-        command_source = hub_id
-    else:
-        command_source = display_path(Path(model), placeholder=SOURCE_PLACEHOLDER)
-    return SourceFacts(hub_id, revision, license_, command_source)
-
-
-def _hub_id_and_revision(model: str, directory: Path | None) -> tuple[str | None, str | None]:
-    snapshot = _SNAPSHOT.search(str(directory.resolve())) if directory else None
-    if snapshot:  # a hub id resolved through the HF cache, or a snapshot folder given as a local path
-        return f"{snapshot['org']}/{snapshot['name']}", snapshot["revision"]
-    path = Path(model).expanduser()
-    looks_like_hub_id = not path.is_absolute() and not model.startswith((".", "~")) and model.count("/") == 1
-    if looks_like_hub_id and not path.exists():
-        return model, None
-    return None, None
-
-
-def _source_license(directory: Path | None, hub_id: str | None, revision: str | None) -> str | None:
-    """The `license` of the source's card front matter, else config.json's `license`; None when neither says."""
-    readme = _source_readme(directory, hub_id, revision)
-    if readme is not None:
-        from huggingface_hub import metadata_load
-
-        license_ = (metadata_load(readme) or {}).get("license")
-        if license_:
-            return str(license_)
-    config = directory / "config.json" if directory else None
-    if config is not None and config.is_file():
-        license_ = json.loads(config.read_text()).get("license")
-        return str(license_) if license_ else None
-    return None
-
-
-def _source_readme(directory: Path | None, hub_id: str | None, revision: str | None) -> Path | None:
-    if directory is not None and (directory / CARD_NAME).is_file():
-        return directory / CARD_NAME
-    if hub_id is None:
-        return None
-    from huggingface_hub import hf_hub_download
-
-    try:  # the stacker downloads weights and tokenizer only; the card is a few KB, from the cache when offline
-        readme = Path(hf_hub_download(hub_id, CARD_NAME, revision=revision))
-    except Exception as error:  # offline and not cached, gated, no card: the license is then unknown
-        logger.info("no model card of %s to read its license from (%s)", hub_id, str(error).splitlines()[0])
-        return None
-    return readme if readme.is_file() else None
 
 
 # ---- the card ------------------------------------------------------------------------------------------------
@@ -195,7 +124,7 @@ def _slot_section(manifest: StackManifest) -> list[str]:
         first, last = run[0], run[-1]
         seam = seams.get(first.index)
         where = "—" if seam is None else _seam_text(seam)
-        lines.append(f"| {_span(first.index, last.index)} | {_span(first.source_layer, last.source_layer)} | "
+        lines.append(f"| {span(first.index, last.index)} | {span(first.source_layer, last.source_layer)} | "
                      f"{where} |")
     seam_list = ", ".join(f"slot {s.slot} ({_seam_text(s)})" for s in manifest.seams) or "none"
     return lines + ["", f"Seams: {seam_list}.", ""]
@@ -332,22 +261,7 @@ def _seed_section(manifest: StackManifest, arch: Architecture, shapes: dict) -> 
             f"{decoder:,} ({human_count(decoder)}).", ""]
 
 
-# ---- shared helpers (heal/card.py uses them too) --------------------------------------------------------------
-
-
-def ranges(indices: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0–2, 5, 7–8' (sorted, consecutive runs joined by an en dash)."""
-    runs: list[list[int]] = []
-    for index in sorted(indices):
-        if runs and index == runs[-1][-1] + 1:
-            runs[-1].append(index)
-        else:
-            runs.append([index])
-    return ", ".join(_span(run[0], run[-1]) for run in runs) or "none"
-
-
-def _span(first: int, last: int) -> str:
-    return str(first) if first == last else f"{first}–{last}"
+# ---- numbers ------------------------------------------------------------------------------------------------
 
 
 def human_count(count: int) -> str:
@@ -355,45 +269,6 @@ def human_count(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.3g}{unit}"
     return str(count)
-
-
-def local_path_prefixes() -> list[str]:
-    """Folders whose paths a public card must never show: the user's home, the temp folders and this checkout."""
-    candidates = {Path.home(), Path(tempfile.gettempdir()), Path("/tmp"), Path("/var/tmp"), REPO}
-    prefixes = set()
-    for path in candidates:
-        for variant in (path, path.resolve()):
-            if str(variant) != "/":
-                prefixes.add(str(variant))
-    return sorted(prefixes, key=len, reverse=True)  # longest first: /tmp/x/repo is matched before /tmp
-
-
-def strip_local_paths(text: str) -> str:
-    """`text` with every path under a local_path_prefixes() folder replaced by LOCAL_PATH."""
-    alternatives = "|".join(re.escape(prefix) for prefix in local_path_prefixes())
-    return re.sub(rf"(?<![\w.\-/])(?:{alternatives})(?=$|[/\s`'\"|),\]:])[^\s`'\"|),\]]*", LOCAL_PATH, text)
-
-
-def display_path(path: Path, placeholder: str) -> str:
-    """A path a card may show: relative to this repository when inside it, else `placeholder`."""
-    try:
-        return Path(os.path.abspath(path)).relative_to(REPO).as_posix()
-    except ValueError:
-        return placeholder
-
-
-def render_card(data: dict[str, Any], body: str) -> str:
-    """Front matter (None values dropped) + body, local paths stripped, checked by parsing with ModelCard."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    card_data = ModelCardData(**{key: value for key, value in data.items() if value is not None})
-    text = strip_local_paths(f"---\n{card_data.to_yaml()}\n---\n\n{body.rstrip()}\n")
-    parsed = ModelCard(text).data.to_dict()
-    for key, value in data.items():
-        if value is not None and parsed.get(key) != value:
-            raise CardError(f"internal: the card's front matter reads back {key}={parsed.get(key)!r}, "
-                            f"expected {value!r}")
-    return text
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
@@ -405,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stack", type=Path, help="a stack folder written by `python -m stack`")
     parser.add_argument("--source", help="the source it was stacked from (default: stack.json's source.model)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         model = args.source or load_manifest(args.stack).source.model
         directory = Path(model).expanduser()

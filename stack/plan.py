@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from core.checkpoint import SourceCheckpoint
+from core.files import TensorInfo, tensor_nbytes
+
 from .architectures import Architecture, architecture_for
 from .recipe import Recipe
-from .source import DTYPE_BYTES, SourceCheckpoint, TensorInfo
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +83,14 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
 class StackPlan:
+    """Everything `write_stack` executes and stack.json records: the slots and seams, every output tensor as an
+    operation on source bytes, their assignment to shards, and the output config."""
+
     architecture: Architecture
     source_model: str
     source_num_layers: int

@@ -1,27 +1,20 @@
-"""Stack recipes: mergekit's passthrough YAML, accepted as-is, plus this project's `stack:` block.
+"""Stack recipes: mergekit's passthrough YAML, accepted as-is, plus this project's `stack:` block (StackOptions, each
+field also a --key value override of `python -m stack`).
 
-    merge_method: passthrough
-    dtype: bfloat16                      # optional; must equal the checkpoint's dtype (bytes are copied)
-    slices:
-      - sources:
-          - model: google/gemma-4-E4B-it
-            layer_range: [0, 18]           # half-open, as in mergekit
-      ...
-    stack:                               # optional, this project's options (StackOptions fields)
-      kv_graft_source: producer
-      max_shard_size: 5GB
-
-Unknown keys are an error, so a typo never silently changes the output.
+Unknown keys are an error, so a typo never silently changes the output. An example recipe: docs/architecture.md,
+section "The stacker (`stack/`)"; the seed one is recipes/e6b.yaml.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from core.cli import check_keys, field_names
 
 
 class RecipeError(ValueError):
@@ -92,20 +85,22 @@ _TOP_LEVEL_KEYS = {"merge_method", "slices", "dtype", "stack", "tokenizer_source
 _SOURCE_KEYS = {"model", "layer_range"}
 
 
-def load_recipe(path: str | Path, source_override: str | None = None) -> Recipe:
+def load_recipe(path: str | Path, source_override: str | None = None,
+                options: dict[str, Any] | None = None) -> Recipe:
+    """The recipe at `path`; `source_override` replaces every slice's model, `options` (StackOptions fields, e.g.
+    from the command line) go on top of the `stack:` block."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist; pass a YAML such as recipes/e6b.yaml")
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {str(path)!r} must be a YAML mapping with a 'slices' list")
-    return parse_recipe(raw, source_override, name=str(path))
+    return parse_recipe(raw, source_override, name=str(path), options=options)
 
 
-def parse_recipe(raw: dict[str, Any], source_override: str | None = None, name: str = "recipe") -> Recipe:
-    unknown = set(raw) - _TOP_LEVEL_KEYS
-    if unknown:
-        raise RecipeError(f"{name}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_LEVEL_KEYS)}")
+def parse_recipe(raw: dict[str, Any], source_override: str | None = None, name: str = "recipe",
+                 options: dict[str, Any] | None = None) -> Recipe:
+    check_keys(raw, _TOP_LEVEL_KEYS, name, RecipeError)
     if raw.get("merge_method", "passthrough") != "passthrough":
         raise RecipeError(f"{name}: merge_method {raw['merge_method']!r} is not supported; "
                           "the stacker does passthrough only")
@@ -120,7 +115,10 @@ def parse_recipe(raw: dict[str, Any], source_override: str | None = None, name: 
         if raw.get(key) not in (None, "base", slices[0].model):
             raise RecipeError(f"{name}: {key} {raw[key]!r} differs from the slices' model {slices[0].model!r}; "
                               "remove it, since tokenizer and base come from the one source model")
-    return Recipe(slices=slices, options=_parse_options(raw.get("stack") or {}, name), dtype=raw.get("dtype"), raw=raw)
+    if options:  # stack.json records the options the stack was written with
+        raw = {**raw, "stack": {**_options_block(raw, name), **options}}
+    return Recipe(slices=slices, options=_parse_options(_options_block(raw, name), name), dtype=raw.get("dtype"),
+                  raw=raw)
 
 
 def _require_list(raw: dict[str, Any], key: str, where: str) -> list[Any]:
@@ -141,9 +139,7 @@ def _parse_slice(index: int, raw_slice: Any, source_override: str | None, name: 
     if "parameters" in source:
         raise RecipeError(f"{where}.sources[0].parameters is not supported: "
                           "the stacker copies bytes and never scales them")
-    unknown = set(source) - _SOURCE_KEYS
-    if unknown:
-        raise RecipeError(f"{where}.sources[0]: unknown key(s) {sorted(unknown)}; allowed: {sorted(_SOURCE_KEYS)}")
+    check_keys(source, _SOURCE_KEYS, f"{where}.sources[0]", RecipeError)
     layer_range = source.get("layer_range")
     if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(type(x) is int for x in layer_range)):
         raise RecipeError(f"{where}.sources[0].layer_range must be two integers [start, stop), got {layer_range!r}")
@@ -157,13 +153,15 @@ def _parse_slice(index: int, raw_slice: Any, source_override: str | None, name: 
     return SliceSpec(model=str(model), layer_range=(start, stop))
 
 
-def _parse_options(raw_options: Any, name: str) -> StackOptions:
-    if not isinstance(raw_options, dict):
+def _options_block(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    block = raw.get("stack") or {}
+    if not isinstance(block, dict):
         raise RecipeError(f"{name}: 'stack' must be a mapping of options")
-    allowed = {f.name for f in fields(StackOptions)}
-    unknown = set(raw_options) - allowed
-    if unknown:
-        raise RecipeError(f"{name}: unknown stack option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return block
+
+
+def _parse_options(raw_options: dict[str, Any], name: str) -> StackOptions:
+    check_keys(raw_options, field_names(StackOptions), f"{name}: stack", RecipeError)
     options = StackOptions(**raw_options)
     if options.kv_graft_source not in KV_GRAFT_SOURCES:
         raise RecipeError(f"{name}: stack.kv_graft_source {options.kv_graft_source!r} "

@@ -16,20 +16,9 @@ import torch
 # Same structure as E4B (hidden 2560, ffn 10240, 8 heads / 2 KV, head_dim 256 / 512, PLE 256 per layer,
 # vocab 262144), scaled down so a 42-layer model is ~3 MB.
 TINY_E4B_TEXT = dict(
-    num_hidden_layers=42,
-    num_kv_shared_layers=18,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    global_head_dim=32,
-    hidden_size_per_layer_input=8,
-    vocab_size=512,
-    vocab_size_per_layer_input=512,
-    sliding_window=16,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
+    num_hidden_layers=42, num_kv_shared_layers=18, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, global_head_dim=32, hidden_size_per_layer_input=8, vocab_size=512,
+    vocab_size_per_layer_input=512, sliding_window=16, max_position_embeddings=512, tie_word_embeddings=True,
 )
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                    num_key_value_heads=2, head_dim=16)

@@ -2,12 +2,9 @@
 
     python -m stack.verify out/gemma-4-E6B-it-raw [--source DIR] [--load]
 
-Exit status: 0 when every tensor matches, 1 when one differs (named in the log), 2 for bad input.
-
-Every output tensor is compared with the source tensor the manifest maps it to (grafted K/V with the donor
-layer's, PLE blocks with the source's blocks), read lazily from memory-mapped shards. With --load the stack
-is also loaded with transformers and asked to generate; that needs memory for the whole model.
-Time and memory on the full-size E6B: docs/benchmarks.md, section "Stacker".
+Exit status: 0 when every tensor matches, 1 when one differs (named in the log), 2 for bad input. What is
+compared and --load: docs/architecture.md, section "The stacker (`stack/`)"; time and memory on the full-size
+E6B: docs/benchmarks.md, section "Stacker".
 """
 
 from __future__ import annotations
@@ -22,8 +19,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from core.checkpoint import SourceCheckpoint, open_source
+from core.cli import setup_logging
+
 from .manifest import StackManifest, check_manifest_matches_config, load_manifest
-from .source import SourceCheckpoint, open_source
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", action="store_true",
                         help="also load with transformers and generate (needs RAM for the model)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         source = open_source(args.source or load_manifest(args.stack_dir).source.model)
         count = verify_tensors(args.stack_dir, source)

@@ -13,25 +13,21 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .atomic import guard_output_dir, staged_output
-from .card import CARD_NAME, source_facts, write_stack_card
+from core.cards import CARD_NAME, source_facts
+from core.checkpoint import SourceCheckpoint, SourceError, check_data_present
+from core.files import DTYPE_BYTES, encode_safetensors_header, sha256_file
+from core.outputs import MARKER_NAME, guard_output_dir, staged_output
+
+from .card import write_stack_card
 from .manifest import MANIFEST_NAME, manifest_from_plan
 from .plan import Copy, GatherBlocks, OutputTensor, StackPlan
-from .source import (
-    DTYPE_BYTES,
-    SourceCheckpoint,
-    SourceError,
-    check_data_present,
-    copy_source_files,
-    encode_safetensors_header,
-    sha256_file,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +61,19 @@ def check_output_dir(out_dir: Path, source: SourceCheckpoint, force: bool) -> No
     if out == src or out in src.parents or src in out.parents:
         raise FileExistsError(f"output {out_dir} overlaps the source folder {source.directory}; choose another --out")
     guard_output_dir(out_dir, "stack", force)
+
+
+def copy_source_files(directory: Path, out_dir: Path) -> list[str]:
+    """Copy tokenizer, chat template, processor and generation files: everything that is not weights,
+    the weight index, config.json (rewritten by the stacker), the source's model card or its output marker."""
+    skip_names = {"config.json", "model.safetensors.index.json", "README.md", ".gitattributes", MARKER_NAME}
+    copied = []
+    for path in sorted(directory.iterdir()):
+        is_weights = path.suffix in {".safetensors", ".bin", ".pt", ".gguf"}
+        if path.is_file() and path.name not in skip_names and not is_weights:
+            shutil.copyfile(path, out_dir / path.name)  # follows the HF cache's symlinks to the blobs
+            copied.append(path.name)
+    return copied
 
 
 def shard_file_names(num_shards: int) -> list[str]:

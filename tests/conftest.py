@@ -70,6 +70,36 @@ def e4b_fisher(tiny_e4b, tmp_path_factory):
     return folder / "out" / FISHER_FILE
 
 
+@pytest.fixture(scope="session")
+def e4b_factors(tiny_e4b, tmp_path_factory):
+    """fisher_factors.safetensors of the tiny E4B for every decoder Linear, from random PSD moments
+    (fisher_support.random_factors), with the tiny E4B's shard hashes as its provenance."""
+    from core.files import sha256_file
+    from fisher.factors import FACTORS_FILE, save_factors
+
+    from .checkpoints import load_tensors
+    from .fisher_support import random_factors
+
+    shapes = {name.removesuffix(".weight"): tuple(t.shape) for name, t in load_tensors(tiny_e4b).items()
+              if name.startswith("model.language_model.layers.") and t.dim() == 2}
+    shards = {path.name: sha256_file(path) for path in sorted(tiny_e4b.glob("*.safetensors"))}
+    path = tmp_path_factory.mktemp("e4b-factors") / FACTORS_FILE
+    save_factors(path, random_factors(shapes), {"model": str(tiny_e4b), "model_shard_sha256": shards})
+    return path
+
+
+@pytest.fixture(scope="session")
+def source_fisher(tiny_e4b):
+    """A positive stand-in Fisher keyed like fisher.safetensors: every 2-D decoder weight of the tiny E4B."""
+    import torch
+
+    from .checkpoints import load_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    return {name: torch.rand(t.shape, generator=generator) ** 4 for name, t in load_tensors(tiny_e4b).items()
+            if name.startswith("model.language_model.layers.") and t.dim() == 2}
+
+
 def heal_recipe(path: Path, stack, fisher, chat, output_dir, **overrides) -> Path:
     """A few-step heal of a tiny stack on CPU; `overrides` replace any key."""
     recipe = {

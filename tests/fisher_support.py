@@ -1,4 +1,4 @@
-"""Test data in TRL's formats, and a brute-force Fisher written independently of fisher/."""
+"""Test data in TRL's formats, a brute-force Fisher written independently of fisher/, and random K-FAC factors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.logits import sample_tokens
 from fisher.estimator import example_generator, label_uniforms
-from fisher.head import sample_tokens
+from fisher.factors import ModuleFactors, top_eigenbasis
 
 
 def words(rng: random.Random, count: int) -> str:
@@ -44,6 +45,19 @@ def rows_for(format_name: str, count: int = 6, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def random_factors(shapes: dict[str, tuple[int, int]], seed: int = 0, decay: float = 0.8) -> dict[str, ModuleFactors]:
+    """K-FAC factors for modules of the given [out, in] shapes: each side a random PSD moment Q diag(decay^i) Qᵀ
+    (Q a random rotation), stored as fisher/ stores it (top_eigenbasis: 0.9 of the trace, at most 32 vectors)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def moment(dim: int) -> torch.Tensor:
+        rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+        return (rotation * decay ** torch.arange(dim, dtype=torch.float64)) @ rotation.T
+
+    return {module: ModuleFactors(top_eigenbasis(moment(inputs), 0.9, 32), top_eigenbasis(moment(outputs), 0.9, 32))
+            for module, (outputs, inputs) in sorted(shapes.items())}
 
 
 def tracked_weights(model: nn.Module) -> dict[str, nn.Parameter]:

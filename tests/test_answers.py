@@ -11,8 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from fisher.config import DatasetSpec
-from fisher.data import load_trl_datasets
+from core.data import DatasetSpec, load_trl_datasets
 from heal.answers import main
 from stack.tiny import save_tiny_decoder
 

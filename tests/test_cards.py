@@ -14,6 +14,8 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
+from core import cards as card_helpers
+from core.cards import LOCAL_PATH, REPO, source_facts, strip_local_paths
 from evaluation.config import EvalConfig
 from evaluation.report import write_report
 from evaluation.run import evaluate_models
@@ -21,8 +23,7 @@ from evaluation.stats import Interval
 from heal.card import main as card_main
 from heal.card import protection_report
 from heal.train import main as heal_main
-from stack import card as stack_card_module
-from stack.card import LOCAL_PATH, REPO, source_facts, stack_card, strip_local_paths
+from stack.card import stack_card
 from stack.manifest import StackManifest, load_manifest
 from stack.plan import Seam
 
@@ -174,7 +175,7 @@ def test_a_local_path_in_the_recipe_never_reaches_the_card(hub_stack, monkeypatc
     card = (out / "README.md").read_text()
     assert f"model: {LOCAL_PATH}" in card and local_paths_in(card, snapshot, out) == []
     # Negative control: without the stripping, the recipe's source path is published.
-    monkeypatch.setattr(stack_card_module, "strip_local_paths", lambda text: text)
+    monkeypatch.setattr(card_helpers, "strip_local_paths", lambda text: text)
     leaked = stack_card(out, source_facts(str(snapshot), snapshot), out)
     assert str(snapshot) in leaked
 

@@ -6,6 +6,7 @@ teacher-forced distillation, a heal runs end to end, and bad settings are errors
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -14,11 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.logits import LogitHead
+from heal.config import HealConfig, HealConfigError, load_config
 from heal.distill import (
     DistillationTrainer,
-    DistillConfig,
-    LogitHead,
-    OnPolicyConfig,
     OnPolicyDistillationTrainer,
     TeacherError,
     chunked_kl_sum,
@@ -85,28 +85,25 @@ def test_a_trainable_student_head_is_refused():
 # ---- the trainer on an identity stack: teacher == student ----------------------------------------------------
 
 
-def make_trainer(stack, teacher, data, folder, onpolicy: OnPolicyConfig | None = None):
-    """One trainer on the tiny stack (LoRA, no protection) and its first batch: on-policy if `onpolicy` is given,
-    else teacher-forced."""
+def make_trainer(stack, teacher, data, folder, objective: str = "distill", **heal_overrides):
+    """One trainer on the tiny stack (LoRA, no protection) and its first batch: objective onpolicy, or distill
+    (teacher-forced); `heal_overrides` replace HealConfig keys of the recipe (onpolicy_lmbda ...)."""
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from heal.config import load_config
-
-    _, sft = load_config(heal_recipe(folder / "r.yaml", stack, None, data, folder / "out", protect=False))
+    heal, sft = load_config(heal_recipe(folder / "r.yaml", stack, None, data, folder / "out", protect=False,
+                                        objective=objective, **heal_overrides))
     torch.manual_seed(0)
     kwargs = dict(
-        teacher=load_teacher(str(teacher), torch.float32), distill=DistillConfig(alpha=1.0),
+        teacher=load_teacher(str(teacher), torch.float32), heal=heal,
         model=AutoModelForCausalLM.from_pretrained(stack, dtype=torch.float32), args=sft,
         train_dataset=load_dataset("json", data_files=str(data), split="train"),
         processing_class=AutoTokenizer.from_pretrained(stack),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
     )
-    if onpolicy is None:
-        trainer = DistillationTrainer(**kwargs)
-    else:
-        trainer = OnPolicyDistillationTrainer(onpolicy=onpolicy, **kwargs)
+    trainer_class = OnPolicyDistillationTrainer if objective == "onpolicy" else DistillationTrainer
+    trainer = trainer_class(**kwargs)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop; the loss normalizers read it
     return trainer, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -238,8 +235,8 @@ ONPOLICY_NEW_TOKENS = 6
 def onpolicy_trainer(identity_and_rewind, tiny_llama, prompts_and_completions, tmp_path_factory):
     """lmbda 1, sampling at temperature 1 from the rewind stack (not the teacher's function)."""
     _, rewind = identity_and_rewind
-    return make_trainer(rewind, tiny_llama, prompts_and_completions, tmp_path_factory.mktemp("onpolicy"),
-                        OnPolicyConfig(1.0, ONPOLICY_NEW_TOKENS, 1.0))
+    return make_trainer(rewind, tiny_llama, prompts_and_completions, tmp_path_factory.mktemp("onpolicy"), "onpolicy",
+                        onpolicy_lmbda=1.0, onpolicy_max_new_tokens=ONPOLICY_NEW_TOKENS, onpolicy_temperature=1.0)
 
 
 def kl_inputs_and_independent_samples(trainer, inputs, monkeypatch):
@@ -305,7 +302,7 @@ def test_onpolicy_with_lmbda_zero_is_the_teacher_forced_distillation(onpolicy_tr
     _, rewind = identity_and_rewind
     distill, inputs = make_trainer(rewind, tiny_llama, prompts_and_completions, tmp_path)
     onpolicy, _ = onpolicy_trainer
-    monkeypatch.setattr(onpolicy, "onpolicy", OnPolicyConfig(lmbda=0.0))
+    monkeypatch.setattr(onpolicy, "heal", dataclasses.replace(onpolicy.heal, onpolicy_lmbda=0.0))
     losses_and_grads = []
     for trainer in (distill, onpolicy):
         loss = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=(inputs["labels"] != -100).sum())
@@ -370,8 +367,6 @@ def test_onpolicy_heals_end_to_end_adapters_train_and_the_stack_is_untouched(tin
     ({"onpolicy_temperature": -1.0}, "onpolicy_temperature must be >= 0"),
 ])
 def test_onpolicy_config_errors(overrides, message):
-    from heal.config import HealConfig, HealConfigError
-
     with pytest.raises(HealConfigError, match=message):
         HealConfig(stack="s", datasets=(), protect=False, objective="onpolicy", **overrides)
     if "distill_alpha" not in overrides:  # the on-policy fields are checked for objective: onpolicy only
@@ -384,7 +379,8 @@ def test_onpolicy_under_zero3_is_refused_before_anything_loads():
     zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
     try:
         with pytest.raises(TeacherError, match="unsupported under ZeRO-3 here; use ZeRO-2 or a single process"):
-            OnPolicyDistillationTrainer(onpolicy=OnPolicyConfig(), distill=DistillConfig(), teacher=None)
+            OnPolicyDistillationTrainer(heal=HealConfig(stack="s", datasets=(), protect=False, objective="onpolicy"),
+                                        teacher=None)
     finally:
         unset_hf_deepspeed_config()
         del zero3

@@ -18,10 +18,12 @@ import yaml
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from core.logits import LogitHead
+from core.tokens import stop_token_ids
 from evaluation import ifeval
 from evaluation.__main__ import main
 from evaluation.config import EvalConfig, EvalError, resolve_device, resolve_dtype
-from evaluation.generation import greedy_continuations, stop_token_ids
+from evaluation.generation import greedy_continuations
 from evaluation.inputs import load_instruct
 from evaluation.likelihood import (
     Backbone,
@@ -39,7 +41,6 @@ from evaluation.lm_eval_tasks import lm_eval_items
 from evaluation.metrics import distinct_n, ends_in_loop, seq_rep_n
 from evaluation.report import plot_metrics, write_report
 from evaluation.run import evaluate_models
-from fisher.head import LogitHead
 from heal.distill import token_kl
 from stack.tiny import CHAT_TEMPLATE, save_tiny_decoder, save_tiny_tokenizer
 
@@ -413,6 +414,41 @@ def test_lm_eval_accuracy_matches_the_argmax_by_hand(model_a, tokenizer, mc_task
     assert set(items) == {f"{TASK}/acc", f"{TASK}/acc_norm"} and len(items[f"{TASK}/acc"]) == 6  # one per document
     assert items[f"{TASK}/acc"][:4] == [1.0] * 4 and items[f"{TASK}/acc"][4:] == [0.0] * 2  # in document order
     assert sum(items[f"{TASK}/acc_norm"]) / 6 == pytest.approx(acc_norm)
+
+
+def test_shared_context_scores_equal_hflms_request_by_request(model_a, tokenizer):
+    """SharedContextHFLM runs each context once and continues every choice from its KV cache; its log-likelihoods and
+    greedy flags equal HFLM's own (context + continuation per request), for one- and many-token continuations, several
+    contexts of different lengths in one batch, and a request too long for the model (HFLM's truncating path). It feeds
+    the model fewer tokens: the contexts count once."""
+    from lm_eval.models.huggingface import HFLM
+
+    from evaluation.lm_eval_scorer import SharedContextHFLM
+
+    rng = random.Random(3)
+    requests = []
+    for _ in range(5):
+        context = tokenizer(words(rng, rng.randint(10, 16)))["input_ids"]
+        for length in (1, 2, rng.randint(3, 7)):
+            continuation = tokenizer(" " + words(rng, 6))["input_ids"][:length]
+            requests.append((("ctx", "cont"), context, continuation))
+    requests.append((("long", "cont"), list(range(5, 75)), [7, 8, 9]))  # 73 tokens > max_length + 1: truncated
+    rng.shuffle(requests)
+    fed = []
+    hook = model_a.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.append((args[0] if args else kwargs["input_ids"]).numel()), with_kwargs=True)
+    try:
+        shared = SharedContextHFLM(pretrained=model_a, tokenizer=tokenizer, batch_size=3, max_length=64)
+        got = shared._loglikelihood_tokens(requests, disable_tqdm=True)
+        shared_tokens, fed[:] = sum(fed), []
+        plain = HFLM(pretrained=model_a, tokenizer=tokenizer, batch_size=3, max_length=64)
+        want = HFLM._loglikelihood_tokens(plain, requests, disable_tqdm=True)
+        plain_tokens = sum(fed)
+    finally:
+        hook.remove()
+    assert_close(torch.tensor([ll for ll, _ in got]), torch.tensor([ll for ll, _ in want]), atol=1e-4, rtol=0)
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in want]
+    assert shared_tokens < 0.7 * plain_tokens
 
 
 def test_an_unknown_task_is_named(model_a, tokenizer, mc_task):

@@ -15,12 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from core.files import read_safetensors_header
 from fisher.__main__ import PLOT_FILE, SUMMARY_FILE, compute_and_write, main
 from fisher.config import config_from_dict
 from fisher.data import load_examples
 from fisher.estimator import Accumulator
 from fisher.file import FISHER_FILE, METADATA_KEY
-from stack.source import read_safetensors_header
 from stack.tiny import save_tiny_decoder, save_tiny_gemma4
 
 from .conftest import REPO, free_port
@@ -380,7 +380,7 @@ def test_unreachable_model_says_how_to_pass_a_local_one(data, tmp_path, caplog, 
 
 
 def random_head(vocab: int, hidden: int, softcap: float | None, seed: int = 0):
-    from fisher.head import LogitHead
+    from core.logits import LogitHead
 
     generator = torch.Generator().manual_seed(seed)
     return LogitHead(torch.randn(vocab, hidden, generator=generator), torch.randn(vocab, generator=generator), softcap)
@@ -427,7 +427,7 @@ def test_chunked_log_likelihood_and_gradient_equal_the_full_logit_reference(soft
 
 
 def test_the_log_likelihood_comparison_catches_a_missing_softcap_derivative():
-    from fisher.head import LogitHead
+    from core.logits import LogitHead
 
     class UncappedBackward(LogitHead):
         def backward_through(self, grad_logits, logits):
@@ -469,7 +469,7 @@ def test_log_likelihood_never_builds_logits_for_a_whole_sequence():
 
 
 def test_sampled_labels_do_not_depend_on_the_chunk_size():
-    from fisher.head import sample_tokens, sample_tokens_chunked
+    from core.logits import sample_tokens, sample_tokens_chunked
 
     head = random_head(300, 8, 30.0)
     hidden, uniforms = torch.randn(23, 8) * 2, torch.rand(23, generator=torch.Generator().manual_seed(3))
@@ -480,7 +480,7 @@ def test_sampled_labels_do_not_depend_on_the_chunk_size():
 
 
 def test_sampled_labels_follow_the_predictive_distribution():
-    from fisher.head import sample_tokens
+    from core.logits import sample_tokens
 
     logits = torch.tensor([2.0, 0.0, float("-inf"), 1.0, -1.0, float("-inf")])  # tokens 2 and 5: probability 0
     probs = torch.softmax(logits, dim=0)
@@ -534,7 +534,7 @@ def test_layer_groups_give_the_one_pass_result_bit_for_bit(request, data, model_
     options = dict(mode=mode, num_samples=2 if mode == "true" else 1, seed=5)
     (one, one_counts, _), (split, split_counts, head_calls) = fisher_in_process(
         request.getfixturevalue(model_name), data["messages"], [options, {**options, "layer_groups": groups}])
-    assert head_calls == 0  # the LM head module never runs: logits come from fisher.head, a chunk at a time
+    assert head_calls == 0  # the LM head module never runs: logits come from core.logits, a chunk at a time
     assert one.sums.keys() == split.sums.keys() and one_counts == split_counts
     for name in one.sums:  # same graph, same order of additions: identical, not merely close
         assert torch.equal(split.sums[name], one.sums[name]), name

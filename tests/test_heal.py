@@ -15,8 +15,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from heal.config import HealConfigError, load_config
-from heal.protection import PROTECTION_FILE, load_protection
+from heal.protection import (
+    PROTECTION_FILE,
+    ModuleProtection,
+    load_protection,
+    plan_difference,
+    plan_protection,
+    slot_fisher,
+)
 from heal.train import main
+from stack.manifest import load_manifest
 
 from .checkpoints import assert_loads_clean, load_tensors
 from .conftest import REPO, heal_recipe
@@ -194,19 +202,20 @@ def checkpointed(tiny_e6b, e4b_fisher, chat, tmp_path_factory):
     return folder / "out"
 
 
-def protected_entries(checkpoint) -> list[torch.Tensor]:
+def protected_entries(checkpoint, plan: dict[str, ModuleProtection] | None = None) -> list[torch.Tensor]:
     """A[:, protected inputs] and B[protected outputs, :] of every protected module in the checkpoint's
-    adapter, with the coordinates from the plan recorded in that checkpoint."""
+    adapter, with the coordinates of `plan` (default: the plan recorded in that checkpoint)."""
     adapter = load_file(checkpoint / "adapter_model.safetensors")
     entries = []
-    for module, protection in load_protection(checkpoint / PROTECTION_FILE).items():
+    for module, protection in (plan or load_protection(checkpoint / PROTECTION_FILE)).items():
         entries.append(adapter[f"base_model.model.{module}.lora_A.weight"][:, protection.inputs])
         entries.append(adapter[f"base_model.model.{module}.lora_B.weight"][protection.outputs, :])
     return entries
 
 
 def test_every_checkpoint_holds_the_protected_entries_at_zero(checkpointed):
-    """The initial bake zeroes them, the masks give them zero gradient, so AdamW (with weight decay) keeps them 0."""
+    """The initial bake zeroes them, the masks give them zero gradient, so AdamW (with weight decay) keeps them 0;
+    and every save bakes the adapter file it wrote."""
     for step in (2, 4):
         entries = protected_entries(checkpointed / f"checkpoint-{step}")
         assert entries and all(e.numel() for e in entries)
@@ -215,14 +224,43 @@ def test_every_checkpoint_holds_the_protected_entries_at_zero(checkpointed):
     assert all(torch.count_nonzero(t) for name, t in adapter.items() if "lora_B" in name)  # and it trained
 
 
-def test_without_the_initial_bake_a_checkpoint_holds_non_zero_protected_entries(tiny_e6b, e4b_fisher, chat, tmp_path,
-                                                                                 monkeypatch):
-    """Negative control: PEFT initialises A at random; without bake() its protected columns keep that value."""
-    monkeypatch.setattr("heal.train.bake", lambda model, plan: None)
-    recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "o", max_steps=2,
-                         save_strategy="steps", save_steps=2, merge=False)
+def heal_without_the_initial_bake(tiny_e6b, e4b_fisher, chat, folder, monkeypatch) -> Path:
+    """A protected 2-step heal saving checkpoint-1 and checkpoint-2, with the in-memory bake switched off: PEFT
+    initialises A at random, and the masks and AdamW keep its protected columns non-zero in memory."""
+    monkeypatch.setattr("heal.trainer.bake", lambda model, plan: None)
+    recipe = heal_recipe(folder / "r.yaml", tiny_e6b, e4b_fisher, chat, folder / "o", max_steps=2,
+                         save_strategy="steps", save_steps=1, merge=False)
     assert main([str(recipe)]) == 0
-    assert any(torch.count_nonzero(e) for e in protected_entries(tmp_path / "o" / "checkpoint-2"))
+    return folder / "o"
+
+
+def fisher_plan(stack, fisher, checkpoint) -> dict[str, ModuleProtection]:
+    """The plan computed here from the Fisher file, for the modules the checkpoint's adapter trains, at the test
+    recipe's mass_share 0.5 and max_fraction 0.25."""
+    modules = {name.split("base_model.model.")[1].split(".lora_")[0]
+               for name in load_file(checkpoint / "adapter_model.safetensors")}
+    return plan_protection(slot_fisher(load_file(fisher), load_manifest(stack)), sorted(modules), 0.5, 0.25)
+
+
+def test_every_save_bakes_its_adapter_file_even_without_the_initial_bake(tiny_e6b, e4b_fisher, chat, tmp_path,
+                                                                         monkeypatch):
+    """Every checkpoint-N/ and the final output_dir go through HealTrainer.save_model: the adapter file holds the
+    protected entries of the Fisher's plan at exactly zero, and protection.safetensors records that plan."""
+    out = heal_without_the_initial_bake(tiny_e6b, e4b_fisher, chat, tmp_path, monkeypatch)
+    for folder in (out / "checkpoint-1", out / "checkpoint-2", out):
+        plan = fisher_plan(tiny_e6b, e4b_fisher, folder)
+        assert plan and plan_difference(load_protection(folder / PROTECTION_FILE), plan) is None, folder
+        entries = protected_entries(folder, plan)
+        assert all(e.numel() for e in entries) and all(torch.count_nonzero(e) == 0 for e in entries), folder
+
+
+def test_negative_control_without_the_save_path_bake_a_checkpoint_holds_non_zero_protected_entries(
+        tiny_e6b, e4b_fisher, chat, tmp_path, monkeypatch):
+    """The same heal with the save path's bake switched off too: PEFT's random A reaches checkpoint-1's file."""
+    monkeypatch.setattr("heal.protection.bake_adapter_file", lambda path, plan: None)
+    out = heal_without_the_initial_bake(tiny_e6b, e4b_fisher, chat, tmp_path, monkeypatch)
+    plan = fisher_plan(tiny_e6b, e4b_fisher, out / "checkpoint-1")
+    assert any(torch.count_nonzero(e) for e in protected_entries(out / "checkpoint-1", plan))
 
 
 def test_resume_refuses_a_checkpoint_of_another_protection_plan(checkpointed, tiny_e6b, e4b_fisher, chat, tmp_path,

@@ -17,7 +17,7 @@ from bench.headers_only_e6b import build as build_headers_only_e6b
 from fisher.file import FisherFileError
 from heal.config import load_config
 from heal.plan import GB, STAGES, activation_bytes, build_heal_plan, format_plan, main, target_layers
-from heal.protection import ProtectionConfig, ProtectionError, plan_protection, slot_fisher
+from heal.protection import ProtectionError, plan_protection, slot_fisher
 from stack.manifest import StackManifest, load_manifest
 
 from .conftest import REPO, SEED_SOURCE_LAYERS, heal_recipe
@@ -119,7 +119,7 @@ def test_protection_is_heal_trains_from_the_targets_fisher_alone(tiny_e6b, e4b_f
     plan = tiny_plan(tiny_e6b, e4b_fisher, chat, tmp_path)
     manifest = load_manifest(tiny_e6b)
     names = [t.name for t in plan.targets]
-    reference = plan_protection(slot_fisher(load_file(e4b_fisher), manifest), names, ProtectionConfig(0.5, 0.25))
+    reference = plan_protection(slot_fisher(load_file(e4b_fisher), manifest), names, 0.5, 0.25)
     assert plan.protection.plan.keys() == reference.keys() and reference
     for name, protection in reference.items():
         assert torch.equal(plan.protection.plan[name].inputs, protection.inputs), name

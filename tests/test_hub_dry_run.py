@@ -1,7 +1,7 @@
 """`python -m stack ... --dry-run` on a hub id reads the shard headers through the hub API and downloads
 config.json alone; a real run still downloads the weights.
 
-Nothing reaches the hub: StubHub stands in for the three huggingface_hub calls stack.source makes. It
+Nothing reaches the hub: StubHub stands in for the three huggingface_hub calls core.checkpoint makes. It
 serves a tiny checkpoint's real config.json and its real headers, parsed by huggingface_hub's own
 safetensors parser into the SafetensorsRepoMetadata the hub API returns, and records every call.
 """
@@ -19,10 +19,10 @@ from huggingface_hub import get_local_safetensors_metadata, save_torch_state_dic
 from huggingface_hub.errors import NotASafetensorsRepoError, OfflineModeIsEnabled
 from safetensors.torch import load_file
 
+from core.checkpoint import SourceError, open_source, open_source_headers
 from stack.__main__ import main as stack_main
 from stack.plan import build_plan
 from stack.recipe import load_recipe
-from stack.source import SourceError, open_source, open_source_headers
 from stack.writer import write_stack
 
 from .conftest import SEED_RECIPE

@@ -8,9 +8,9 @@ from dataclasses import asdict
 
 import pytest
 
+from core.checkpoint import open_source
 from stack.architectures import architecture_named
 from stack.manifest import MANIFEST_NAME, ManifestError, StackManifest, load_manifest
-from stack.source import open_source
 
 GRAFTED = {32: 22, 33: 22}  # tiny E6B slots whose source layers (24, 25) were KV consumers; k/v from L22
 KV_TENSORS = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
@@ -61,3 +61,12 @@ def test_only_families_with_kv_sharing_have_kv_tensors():
     assert all(architecture_named("gemma4").is_kv_tensor(suffix) for suffix in KV_TENSORS)
     assert not any(architecture_named("llama-style").is_kv_tensor(suffix) for suffix in KV_TENSORS)
     assert not architecture_named("gemma4").is_kv_tensor("self_attn.q_norm.weight")
+
+
+def test_slots_near_seams_are_the_slots_within_width_of_each_seam(tiny_e6b):
+    """The seed recipe's seams are at slots 18, 34 and 50: width w takes slots s-w .. s+w-1 of each."""
+    manifest = load_manifest(tiny_e6b)
+    assert [seam.slot for seam in manifest.seams] == [18, 34, 50]
+    assert [slot.index for slot in manifest.slots_near_seams(1)] == [17, 18, 33, 34, 49, 50]
+    assert [slot.index for slot in manifest.slots_near_seams(2)] == [16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51]
+    assert len(manifest.slots_near_seams(40)) == len(manifest.slots)  # clipped to the stack's slots

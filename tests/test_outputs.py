@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import stack.atomic as atomic
-from stack.atomic import MARKER_NAME, OutputExistsError, guard_output_dir, marker_stage, staged_output
+import core.outputs as outputs
+from core.outputs import MARKER_NAME, OutputExistsError, guard_output_dir, marker_stage, staged_output
 
 from .conftest import SEED_RECIPE, run_stack
 from .fisher_support import rows_for, write_jsonl
@@ -95,7 +95,7 @@ def test_the_marker_names_the_stage_that_wrote_the_folder_even_over_a_copied_one
 def test_an_existing_output_is_exchanged_in_one_step(tmp_path, monkeypatch):
     out = previous_output(tmp_path / "out")
     exchanges, renames = [], []
-    real_exchange, real_replace = getattr(atomic, "_exchange", None), os.replace
+    real_exchange, real_replace = getattr(outputs, "_exchange", None), os.replace
 
     def exchange(first, second):
         exchanges.append((Path(first).name, Path(second).name))
@@ -105,7 +105,7 @@ def test_an_existing_output_is_exchanged_in_one_step(tmp_path, monkeypatch):
         renames.append((Path(source).name, Path(target).name))
         real_replace(source, target)
 
-    monkeypatch.setattr(atomic, "_exchange", exchange, raising=False)
+    monkeypatch.setattr(outputs, "_exchange", exchange, raising=False)
     monkeypatch.setattr(os, "replace", replace)
     write_new(out)
     assert exchanges == [(f".out.partial-{os.getpid()}", "out")] and renames == []  # OUT never missing
@@ -118,7 +118,7 @@ def test_a_failed_exchange_keeps_the_old_output(tmp_path, monkeypatch):
     def exchange(first, second):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(atomic, "_exchange", exchange, raising=False)
+    monkeypatch.setattr(outputs, "_exchange", exchange, raising=False)
     with pytest.raises(OSError, match="Input/output error"):
         write_new(out)
     assert (out / "result.txt").read_text() == "old" and leftovers(tmp_path) == []
@@ -127,7 +127,7 @@ def test_a_failed_exchange_keeps_the_old_output(tmp_path, monkeypatch):
 @pytest.fixture
 def no_exchange(monkeypatch):
     """A C library without renameat2 (or a filesystem refusing the flag): the two-rename fallback."""
-    monkeypatch.setattr(atomic, "_renameat2", lambda: None, raising=False)
+    monkeypatch.setattr(outputs, "_renameat2", lambda: None, raising=False)
 
 
 def test_without_exchange_two_renames_replace_the_output(tmp_path, no_exchange):

@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 from transformers import Gemma4Config
 
 import stack.plan as plan_module
+from core.checkpoint import open_source
 from stack.architectures import architecture_for
 from stack.plan import PlanError, build_plan, check_against_transformers
 from stack.recipe import load_recipe
-from stack.source import open_source
 
 from .checkpoints import assert_loads_clean, load_tensors, write_header_only_checkpoint
 from .conftest import SEED_RECIPE, run_stack, write_recipe

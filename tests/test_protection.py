@@ -8,9 +8,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from heal.config import HealConfig, HealConfigError
 from heal.protection import (
     ModuleProtection,
-    ProtectionConfig,
     ProtectionError,
     attach,
     bake,
@@ -43,21 +43,18 @@ def test_protected_coordinates_are_the_fewest_covering_the_share():
 @pytest.mark.parametrize("field, value",
                          [("mass_share", 0.0), ("mass_share", 1.0), ("max_fraction", 1.5), ("max_fraction", -0.1)])
 def test_shares_outside_zero_one_are_rejected(field, value):
-    with pytest.raises(ProtectionError, match=f"protection {field} must be in \\(0, 1\\), got {value}"):
-        ProtectionConfig(**{field: value})
+    with pytest.raises(HealConfigError, match=f"protection {field} must be in \\(0, 1\\), got {value}"):
+        heal_config(**{field: value})
+
+
+def heal_config(**protection) -> HealConfig:
+    """A HealConfig carrying only protection settings (no stack or data is read)."""
+    return HealConfig(stack="s", datasets=(), protect=False, **protection)
 
 
 @pytest.fixture(scope="module")
 def manifest(tiny_e6b):
     return load_manifest(tiny_e6b)
-
-
-@pytest.fixture(scope="module")
-def source_fisher(tiny_e4b):
-    """A positive stand-in Fisher keyed like fisher.safetensors: every 2-D decoder weight of the source."""
-    generator = torch.Generator().manual_seed(0)
-    return {name: torch.rand(t.shape, generator=generator) ** 4 for name, t in load_tensors(tiny_e4b).items()
-            if name.startswith(LAYERS) and t.dim() == 2}
 
 
 def test_fisher_maps_to_every_slot_holding_the_source_layer(source_fisher, manifest):
@@ -117,8 +114,7 @@ def heal_steps(stack_dir, plan, protect: bool, bake_before_merge: bool = True):
 
 @pytest.fixture(scope="module")
 def plan(source_fisher, manifest):
-    return plan_protection(slot_fisher(source_fisher, manifest), TARGETS,
-                           ProtectionConfig(mass_share=0.5, max_fraction=0.25))
+    return plan_protection(slot_fisher(source_fisher, manifest), TARGETS, mass_share=0.5, max_fraction=0.25)
 
 
 def test_protected_directions_are_unchanged_after_training_and_merge(tiny_e6b, plan):
@@ -161,8 +157,7 @@ def test_attached_masks_zero_the_adapter_on_protected_inputs(tiny_e6b, plan):
 
 def test_protection_file_round_trips(tmp_path, plan):
     shapes = {name: (64, 64) for name in plan}
-    config = ProtectionConfig(mass_share=0.5, max_fraction=0.25)
-    save_protection(tmp_path / "protection.safetensors", plan, shapes, config)
+    save_protection(tmp_path / "protection.safetensors", plan, shapes, heal_config(mass_share=0.5, max_fraction=0.25))
     loaded = load_protection(tmp_path / "protection.safetensors")
     assert loaded.keys() == plan.keys()
     for name in plan:

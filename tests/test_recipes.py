@@ -11,13 +11,34 @@ from stack.recipe import RecipeError, load_recipe, parse_recipe, parse_size
 
 from .conftest import REPO, SEED_SOURCE_LAYERS
 
-# Every YAML under recipes/ with a `slices:` block, subfolders included (recipes/demo/mini-e6b.yaml).
-STACK_RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "slices" in yaml.safe_load(p.read_text()))
+
+def recipe_kind(path: Path) -> str | None:
+    """What a YAML under recipes/ configures, told by its keys: a stack recipe has `slices:`, a heal recipe the raw
+    `stack:` folder and `datasets:`, a Fisher recipe a `model:` and `datasets:`. None: the demo's presets and study
+    (demo/run.py and demo/study.py load them) and accelerate's configs."""
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict) or "accelerate" in path.parts:
+        return None
+    if "slices" in raw:
+        return "stack"
+    if "datasets" in raw:
+        return "heal" if "stack" in raw else "fisher" if "model" in raw else None
+    return None
 
 
-def test_the_seed_recipe_is_found_among_the_stack_recipes():
-    # Guards the discovery above: a glob that found nothing would make the parametrized test below vacuous.
+# Every recipe under recipes/, subfolders included, by kind (no list to keep up to date).
+RECIPES = {path: recipe_kind(path) for path in sorted((REPO / "recipes").rglob("*.yaml"))}
+STACK_RECIPES = [path for path, kind in RECIPES.items() if kind == "stack"]
+HEAL_RECIPES = [path for path, kind in RECIPES.items() if kind == "heal"]
+FISHER_RECIPES = [path for path, kind in RECIPES.items() if kind == "fisher"]
+
+
+def test_the_seed_recipes_are_found_by_kind():
+    # Guards the discovery above: a glob that found nothing would make the parametrized tests below vacuous.
     assert REPO / "recipes" / "e6b.yaml" in STACK_RECIPES
+    assert REPO / "recipes" / "heal.yaml" in HEAL_RECIPES and REPO / "recipes" / "fisher.yaml" in FISHER_RECIPES
+    assert {"presets.yaml", "study.yaml"} == {path.name for path, kind in RECIPES.items()
+                                              if kind is None and "accelerate" not in path.parts}
 
 
 @pytest.mark.parametrize("path", STACK_RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
@@ -86,7 +107,8 @@ def _slice(layer_range, **extra):
          "slices name several models"),
         (_recipe(stack={"max_shard_size": "lots"}), "stack.max_shard_size 'lots' is not a size"),
         (_recipe(stack={"kv_graft_source": "nearest"}), "stack.kv_graft_source 'nearest' must be one of"),
-        (_recipe(stack={"shard": "5GB"}), "unknown stack option(s) ['shard']"),
+        (_recipe(stack={"shard": "5GB"}), "recipe: stack: unknown key(s) ['shard']"),
+        (_recipe(stack={"max_shard": "5GB"}), "unknown key(s) ['max_shard'] (did you mean 'max_shard_size'?)"),
         (_recipe(base_model="another/model"), "base_model 'another/model' differs"),
     ],
 )
@@ -107,7 +129,10 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-HEAL_RECIPES = sorted([*(REPO / "recipes").glob("heal*.yaml"), REPO / "recipes" / "demo" / "heal.yaml"])
+def test_command_line_options_go_on_top_of_the_stack_block_and_into_the_record():
+    recipe = parse_recipe(_recipe(stack={"kv_graft_source": "checkpoint"}), options={"max_shard_size": "2GB"})
+    assert (recipe.options.kv_graft_source, recipe.options.max_shard_bytes) == ("checkpoint", 2 * 10**9)
+    assert recipe.raw["stack"] == {"kv_graft_source": "checkpoint", "max_shard_size": "2GB"}  # as stack.json records
 
 
 @pytest.mark.parametrize("path", HEAL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
@@ -118,8 +143,13 @@ def test_every_heal_recipe_loads_and_validates(path: Path):
     assert heal.objective in ("sft", "distill") and heal.datasets and sft.output_dir
 
 
-def test_the_demo_stack_and_fisher_recipes_load():
-    from fisher.config import config_from_dict
+@pytest.mark.parametrize("path", FISHER_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_fisher_recipe_loads_and_validates(path: Path):
+    from fisher.config import load_config
 
+    config = load_config(path)
+    assert config.model and config.datasets and config.num_examples > 0
+
+
+def test_the_demo_stack_recipe_has_four_slices():
     assert len(load_recipe(REPO / "recipes" / "demo" / "mini-e6b.yaml").slices) == 4
-    assert config_from_dict(yaml.safe_load((REPO / "recipes" / "demo" / "fisher.yaml").read_text())).num_examples > 0

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from core.checkpoint import open_source
 from stack.from_gguf import convert_gguf, smollm2_gguf_path
-from stack.source import open_source
 from stack.verify import verify_tensors
 
 from .checkpoints import assert_loads_clean, load_config, logits

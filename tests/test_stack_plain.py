@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from core.checkpoint import open_source
 from stack.manifest import load_manifest
-from stack.source import open_source
 from stack.tiny import save_tiny_decoder, save_tiny_gemma3
 from stack.verify import verify_tensors
 

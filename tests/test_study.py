@@ -91,6 +91,33 @@ def test_a_result_is_reused_only_under_its_own_hash(config, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == [f"{run.name}.json"]  # no temp file left
 
 
+def test_every_stage_folder_is_named_by_what_shapes_it(config, tmp_path):
+    """A changed setting gets a new folder, never a stale one reused: the heal's folder follows the heal's key only
+    (another evaluation re-evaluates the same checkpoints), the evaluation's the whole run key, the answers' their
+    settings. Switched off (folders named by the run alone), the changed evaluation would reuse the old eval.json."""
+    space = study.Workspace(tmp_path, config, tmp_path / "cache")
+    space.data_hashes = DATA_HASHES
+    run = next(r for r in config.runs if config.arms[r.arm].data == "greedy")
+
+    def folders(c):
+        heal = space.keyed(f"runs/{run.name}", study.heal_key(c, run, DATA_HASHES))
+        evaluation = space.keyed(f"evals/{run.name}", study.run_key(c, run, DATA_HASHES))
+        answers = space.keyed("answers-greedy", study.answers_key(c, "greedy", DATA_HASHES))
+        return heal, evaluation, answers
+
+    heal, evaluation, answers = folders(config)
+    assert heal.parent == tmp_path / "runs" and heal.name.startswith(f"{run.name}-")
+    other_eval = folders(dataclasses.replace(config, evaluation=(*config.evaluation, "--seed", "1")))
+    assert other_eval[0] == heal and other_eval[1] != evaluation and other_eval[2] == answers
+    other_lr = folders(dataclasses.replace(config, heal={**config.heal, "learning_rate": 3e-4}))
+    assert other_lr[0] != heal and other_lr[1] != evaluation and other_lr[2] == answers
+    greedy = {**config.answers["greedy"], "max_new_tokens": 64}
+    other_answers = folders(dataclasses.replace(config, answers={**config.answers, "greedy": greedy}))
+    assert len({heal, evaluation, answers} & set(other_answers)) == 0
+    # The stack recipe is part of every key: a changed raw stack re-runs the heals too.
+    assert "stack" in study.heal_key(config, run, DATA_HASHES) and "stack" in study.baseline_key(config, DATA_HASHES)
+
+
 def test_preset_study_is_routed_to_the_study():
     assert wants_study(["--preset", "study", "--report"])
     assert wants_study(["--preset=study"])
@@ -116,6 +143,38 @@ def _run(arm: str, seed: int, steps: dict[int, dict]) -> dict:
             "machine": MACHINE,
             "train_log": [{"step": s, "num_tokens": 1000.0 * s} for s in range(5, 101, 5)],
             "evaluation": _evaluation({f"step{step}": items for step, items in steps.items()})}
+
+
+def _instructions(name: str, model: str, strict: list[float], followed: list[int], heal_seed: int | None = None):
+    """A stored instruction-following result: per prompt, prompt-level strict and (followed, 2) instruction pairs."""
+    key = {} if heal_seed is None else {"heal": {"heal": {"seed": heal_seed}}}
+    items = {"if_prompt_strict": strict, "if_instruction_loose": [[f, 2] for f in followed]}
+    return {"name": name, "key": key, "evaluation": _evaluation({model: items})}
+
+
+def test_instruction_following_is_reported_against_the_source_on_the_same_prompts(config, tmp_path):
+    """The source once, each run at its instruction steps; the paired difference is per prompt (here the arm fails
+    exactly the prompts the source passes: -0.5 with no spread in the resamples' sign)."""
+    study.write_result(tmp_path / "instructions", "source",
+                       _instructions("source", "source", [1.0, 1.0, 0.0, 0.0] * 4, [2, 2, 1, 1] * 4))
+    study.write_result(tmp_path / "instructions", "sft-s0",
+                       _instructions("sft-s0", "step200", [0.0, 0.0, 0.0, 0.0] * 4, [1, 1, 1, 1] * 4, heal_seed=0))
+    lines = study_report._instruction_table(config, study_report.load_instructions(tmp_path))
+    source_row = next(line for line in lines if line.startswith("| source |"))
+    sft_row = next(line for line in lines if line.startswith("| sft (seeds 0) | 200 |"))
+    assert "0.500 [" in source_row and "0.750 [" in source_row  # 8/16 prompts; 24 of 32 instructions
+    assert "0.000 [0.000, 0.000]" in sft_row and "**-0.500 [" in sft_row and "**-0.250 [" in sft_row
+    # An arm that stops before the instruction steps is scored at its last evaluated step.
+    assert study.instruction_steps_of(config, "onpolicy") == [study.steps_of(config, "onpolicy")[-1]]
+    assert study.instruction_steps_of(config, "sft") == list(config.instruction_following["steps"])
+    # Its key follows the run's heal and the instruction flags, not the curve's evaluation flags.
+    run = study.Run("sft", 0)
+    key = study.instructions_key(config, run, DATA_HASHES)
+    other_eval = dataclasses.replace(config, evaluation=(*config.evaluation, "--seed", "1"))
+    assert study.instructions_key(other_eval, run, DATA_HASHES) == key
+    other_flags = {**config.instruction_following, "evaluation": ("--max-new-tokens", "64")}
+    assert study.instructions_key(dataclasses.replace(config, instruction_following=other_flags), run,
+                                  DATA_HASHES) != key
 
 
 def test_the_report_states_the_stored_numbers_and_the_targets(config, tmp_path):
@@ -224,4 +283,4 @@ def test_answer_settings_become_the_answers_flags(config):
         "--max-new-tokens", 160, "--keep-unfinished"]
     for settings in config.answers.values():  # every YAML key is a flag python -m heal.answers accepts
         flags = [str(flag) for flag in study.cli_flags(settings)]
-        make_parser().parse_args(["--model", "m", "--data", "d", "--out", "o", *flags])
+        make_parser().parse(["--model", "m", "--data", "d", "--out", "o", *flags])

@@ -8,7 +8,8 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from stack.source import open_source, read_safetensors_header
+from core.checkpoint import open_source
+from core.files import read_safetensors_header
 from stack.verify import VerifyError, main, verify_tensors
 
 LAYERS = "model.language_model.layers."

@@ -2,7 +2,7 @@
 tensor is ever built for a whole sequence (Gemma's vocabulary is 262,144: fp32 logits of one 2048-token
 sequence are 2 GB). Only a handful of [chunk, vocab] fp32 temporaries exist at the peak
 (≈ 6 · chunk · vocab · 4 bytes), independent of the batch and the sequence length. Used by the Fisher
-(per-token log-likelihoods, label sampling) and by heal's distillation.
+(per-token log-likelihoods, label sampling), heal's distillation and the evaluation's likelihoods.
 Measured peaks: docs/benchmarks.md, section "Fisher memory".
 """
 
@@ -98,3 +98,20 @@ def sample_tokens_chunked(hidden: torch.Tensor, uniforms: torch.Tensor, head: Lo
         return torch.empty(0, dtype=torch.long, device=hidden.device)
     return torch.cat([sample_tokens(head.logits(hidden[start:start + chunk_size]), uniforms[start:start + chunk_size])
                       for start in range(0, hidden.shape[0], chunk_size)])
+
+
+class HiddenCapture:
+    """A forward hook on a causal LM's backbone (`base_model`) that keeps its last_hidden_state [B, L, H]."""
+
+    def __init__(self, causal_lm: nn.Module):
+        self.hidden: torch.Tensor | None = None
+        self._handle = causal_lm.base_model.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.hidden = output.last_hidden_state
+
+    def take(self) -> torch.Tensor:
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("the backbone's forward hook saw no forward: the hidden states to distill are missing")
+        return hidden

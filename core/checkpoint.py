@@ -1,34 +1,25 @@
-"""The source checkpoint: resolved from a local folder or the HF hub cache, read lazily.
+"""A model checkpoint folder, as every stage reads it: resolved from a local folder or the HF hub cache, its config
+and its tensors' safetensors headers read, no tensor data.
 
-Only safetensors headers are parsed here (8-byte little-endian header length, then a JSON header
-giving each tensor's dtype, shape and byte range). Tensor data is never read in this module, so a
-dry run of the 16 GB E4B touches a few megabytes; on a hub id, a dry run reads the headers through
-the hub API and downloads config.json alone.
+On a hub id, open_source downloads the model (or takes it from the local HF cache); open_source_headers, for a
+dry run, reads the headers through the hub API and downloads config.json alone.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
-import shutil
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import MARKER_NAME
+from core.files import TensorInfo, read_safetensors_header
 
 if TYPE_CHECKING:
     from huggingface_hub import SafetensorsRepoMetadata
 
 logger = logging.getLogger(__name__)
-
-# Bytes per element of each safetensors dtype.
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 # Files fetched from the hub: config, weights, tokenizer, chat template and processor files.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "LICENSE*"]
@@ -36,21 +27,6 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "LICEN
 
 class SourceError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors dtype, e.g. "BF16"
-    shape: tuple[int, ...]
-    path: Path  # shard holding it (read remotely: where the shard would sit beside config.json; never opened)
-    # Absolute byte offset of its data in `path`. None when read remotely: the hub API gives offsets within the
-    # data section but not the header's length, and a remote tensor's bytes are never read.
-    offset: int | None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -215,51 +191,3 @@ def _find_shards(directory: Path, model: str) -> list[Path]:
         return [single]
     raise SourceError(f"model {model!r} ({directory}) has no model.safetensors or model.safetensors.index.json; "
                       "the stacker reads safetensors only (re-save the model with save_pretrained)")
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor dtypes, shapes and absolute byte offsets of one shard, from its header alone."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    data_start = 8 + header_len
-    header.pop("__metadata__", None)
-    return {
-        name: TensorInfo(name, meta["dtype"], tuple(meta["shape"]), path, data_start + meta["data_offsets"][0])
-        for name, meta in header.items()
-    }
-
-
-def encode_safetensors_header(tensors: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
-    """The header for (name, dtype, shape) tensors stored back to back in this order: 8-byte
-    little-endian length, then JSON, space-padded so the data starts 8-byte aligned."""
-    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, dtype, shape in tensors:
-        end = offset + math.prod(shape) * DTYPE_BYTES[dtype]
-        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
-        offset = end
-    body = json.dumps(entries, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    return struct.pack("<Q", len(body)) + body
-
-
-def sha256_file(path: Path, chunk_bytes: int = 16 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def copy_source_files(directory: Path, out_dir: Path) -> list[str]:
-    """Copy tokenizer, chat template, processor and generation files: everything that is not weights,
-    the weight index, config.json (rewritten by the stacker), the source's model card or its output marker."""
-    skip_names = {"config.json", "model.safetensors.index.json", "README.md", ".gitattributes", MARKER_NAME}
-    copied = []
-    for path in sorted(directory.iterdir()):
-        is_weights = path.suffix in {".safetensors", ".bin", ".pt", ".gguf"}
-        if path.is_file() and path.name not in skip_names and not is_weights:
-            shutil.copyfile(path, out_dir / path.name)  # follows the HF cache's symlinks to the blobs
-            copied.append(path.name)
-    return copied

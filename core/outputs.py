@@ -77,7 +77,7 @@ def mark_output_dir(out_dir: Path, stage: str) -> None:
 
 def _write_marker(folder: Path, stage: str) -> None:
     if stage not in STAGES:
-        raise ValueError(f"internal: unknown output stage {stage!r}; add it to stack.atomic.STAGES")
+        raise ValueError(f"internal: unknown output stage {stage!r}; add it to core.outputs.STAGES")
     (folder / MARKER_NAME).write_text(json.dumps({"stage": stage, "written_by": STAGES[stage]}) + "\n")
 
 
@@ -108,7 +108,7 @@ def staged_output(out_dir: Path, *, stage: str) -> Iterator[Path]:
     replaces `out_dir` (an existing one is swapped out in one step, then deleted); if it raises, the temp folder
     is deleted and `out_dir` is untouched. At every instant `out_dir` holds the old output or the new one."""
     if stage not in STAGES:
-        raise ValueError(f"internal: unknown output stage {stage!r}; add it to stack.atomic.STAGES")
+        raise ValueError(f"internal: unknown output stage {stage!r}; add it to core.outputs.STAGES")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover_stranded(out_dir)
