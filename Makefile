@@ -46,7 +46,7 @@ lint: venv
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-## test-slow: opt-in checks (SmolLM2-135M-Instruct stacked 30 -> 48 and checked tensor by tensor)
+## test-slow: opt-in checks (SmolLM2-135M-Instruct stacked 30 -> 48 and checked tensor by tensor; the ZeRO-2 heals)
 test-slow: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 

@@ -55,7 +55,9 @@ def single_process(tiny_e6b, e4b_fisher, e4b_factors, chat, tmp_path_factory) ->
 
 
 @pytest.mark.parametrize("run", RUNS)
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 (parameters partitioned outside their module's forward: the hard case) runs in `make test`; ZeRO-2 in the
+# opt-in `make test-slow`, to keep `make test` under 15 minutes on 2 cores.
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_zero_on_two_processes_matches_one_and_keeps_the_guarantee(stage, run, single_process, tiny_e6b,
                                                                     e4b_fisher, e4b_factors, chat, tmp_path):
     recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "out", max_steps=2,

@@ -360,7 +360,9 @@ def partition_everything(folder: Path, stage: int) -> Path:
 REENTRANT = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}
 
 
-@pytest.mark.parametrize("stage, checkpointing", [(2, {}), (3, REENTRANT)], ids=["zero2", "zero3-reentrant"])
+# ZeRO-2 in the opt-in `make test-slow` (as tests/test_heal_distributed.py), ZeRO-3 in `make test`.
+@pytest.mark.parametrize("stage, checkpointing", [pytest.param(2, {}, marks=pytest.mark.slow), (3, REENTRANT)],
+                         ids=["zero2", "zero3-reentrant"])
 def test_zero_on_two_processes_matches_one(stage, checkpointing, single_process_ewc, tiny_e6b, e4b_fisher, same_rows,
                                             tmp_path):
     """ZeRO-3 partitions A and B outside their module's forward (every parameter here: the tiny LoRA factors are
