@@ -54,10 +54,14 @@ def single_process(tiny_e6b, e4b_fisher, e4b_factors, chat, tmp_path_factory) ->
     return outputs
 
 
-@pytest.mark.parametrize("run", RUNS)
-# ZeRO-3 (parameters partitioned outside their module's forward: the hard case) runs in `make test`; ZeRO-2 in the
+# ZeRO-3 (parameters partitioned outside their module's forward: the hard case) of sft and distill runs in
+# `make test`; ZeRO-2, and kfac (a forward-time transform of the LoRA weights, as sft's coordinate masks), in the
 # opt-in `make test-slow`, to keep `make test` under 15 minutes on 2 cores.
-@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+OPT_IN = {(2, run) for run in RUNS} | {(3, "kfac")}
+
+
+@pytest.mark.parametrize("stage, run", [pytest.param(stage, run, marks=[pytest.mark.slow] * ((stage, run) in OPT_IN),
+                                                     id=f"{stage}-{run}") for run in RUNS for stage in (2, 3)])
 def test_zero_on_two_processes_matches_one_and_keeps_the_guarantee(stage, run, single_process, tiny_e6b,
                                                                     e4b_fisher, e4b_factors, chat, tmp_path):
     recipe = heal_recipe(tmp_path / "r.yaml", tiny_e6b, e4b_fisher, chat, tmp_path / "out", max_steps=2,
