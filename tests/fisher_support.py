@@ -100,3 +100,21 @@ def brute_force_fisher(model, examples, mode="empirical", seed=0, num_samples=1)
     for weight in weights.values():
         weight.requires_grad_(False)
     return {name: total / (len(examples) * num_samples) for name, total in sums.items()}
+
+
+def poison_layer(layer: int, only_there: bool):
+    """A NaN output gradient at layer `layer`'s down_proj for rows holding token 7 ("w1"). `only_there`: zeroed
+    again at its input, so only that module sees it (a later layer group finds it after earlier ones added it)."""
+    def poison(model):
+        captured = {}
+        model.get_input_embeddings().register_forward_hook(lambda m, a, o: captured.update(ids=a[0]))
+
+        def hook(module, args, output):
+            rows = (captured["ids"] == 7).any(dim=1)
+            if output.requires_grad and rows.any():
+                output.register_hook(lambda g: torch.where(rows[:, None, None], torch.full_like(g, float("nan")), g))
+                if only_there:
+                    args[0].register_hook(torch.nan_to_num)
+
+        model.model.layers[layer].mlp.down_proj.register_forward_hook(hook)
+    return poison

@@ -24,7 +24,7 @@ from fisher.file import FISHER_FILE, METADATA_KEY
 from stack.tiny import save_tiny_decoder, save_tiny_gemma4
 
 from .conftest import REPO, free_port
-from .fisher_support import brute_force_fisher, rows_for, tracked_weights, write_jsonl
+from .fisher_support import brute_force_fisher, poison_layer, rows_for, tracked_weights, write_jsonl
 
 FORMATS = ["messages", "prompt_completion", "conversational_prompt_completion", "text"]
 
@@ -560,18 +560,11 @@ def poison_top_layer_only(monkeypatch):
 
     original = fisher_main.prepare_for_fisher
 
+    poison = poison_layer(-1, only_there=True)
+
     def prepare(model, config):
         original(model, config)
-        captured = {}
-        model.get_input_embeddings().register_forward_hook(lambda m, a, o: captured.update(ids=a[0]))
-
-        def poison(module, args, output):
-            rows = (captured["ids"] == 7).any(dim=1)
-            if output.requires_grad and rows.any():
-                output.register_hook(lambda g: torch.where(rows[:, None, None], torch.full_like(g, float("nan")), g))
-                args[0].register_hook(torch.nan_to_num)
-
-        model.model.layers[-1].mlp.down_proj.register_forward_hook(poison)
+        poison(model)
 
     monkeypatch.setattr(fisher_main, "prepare_for_fisher", prepare)
 

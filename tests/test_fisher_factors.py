@@ -36,7 +36,7 @@ from fisher.run import prepare_for_fisher, run_fisher
 from stack.tiny import save_tiny_decoder, save_tiny_gemma4
 
 from .conftest import REPO, free_port, run_stack, write_recipe
-from .fisher_support import rows_for, sample_labels, write_jsonl
+from .fisher_support import poison_layer, rows_for, sample_labels, write_jsonl
 
 Moments = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A / T, G / T)
 
@@ -178,24 +178,6 @@ def test_the_file_holds_the_moments_under_the_fisher_names(llama, chat, tmp_path
     moments = moments_from_file(tmp_path / "out" / FACTORS_FILE)
     assert set(moments) == {name.removesuffix(".weight") for name in fisher}
     assert_moments_close(moments, reference(config), rtol=1e-4)
-
-
-def poison_layer(layer: int, only_there: bool):
-    """A NaN output gradient at layer `layer`'s down_proj for rows holding token 7 ("w1"). `only_there`: zeroed
-    again at its input, so only that module sees it (a later layer group finds it after earlier ones added it)."""
-    def poison(model):
-        captured = {}
-        model.get_input_embeddings().register_forward_hook(lambda m, a, o: captured.update(ids=a[0]))
-
-        def hook(module, args, output):
-            rows = (captured["ids"] == 7).any(dim=1)
-            if output.requires_grad and rows.any():
-                output.register_hook(lambda g: torch.where(rows[:, None, None], torch.full_like(g, float("nan")), g))
-                if only_there:
-                    args[0].register_hook(torch.nan_to_num)
-
-        model.model.layers[layer].mlp.down_proj.register_forward_hook(hook)
-    return poison
 
 
 @pytest.mark.parametrize("layer, only_there, groups", [(1, False, 1), (-1, True, 3)])
