@@ -1,6 +1,8 @@
 """The study's report, from the stored results alone (docs/study/runs/*.json): README.md with the curves' table,
 the targets, the paired differences between arms, and two plots: curves.png (each metric against training tokens,
-one line per arm) and pareto.png (KL to the source against the length-controlled loop rate, every checkpoint).
+one line per arm) and pareto.png (KL to the source against the length-controlled seq-rep-4, every checkpoint).
+Protected arms (named `twin+protection`) are also compared with their unprotected twin at equal quality: at the
+loop rate both reach (`compare_at_equal_quality`).
 
 Runs of one arm at several seeds are averaged per item (per prompt, row or passage) before any interval, so an
 arm's interval is over items of the seed-mean, and the seed-to-seed spread (min-max of the per-seed estimates)
@@ -13,6 +15,7 @@ import json
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,12 @@ SPECS = {**METRICS, **IF_METRICS}
 # The study's targets (issue 16): loops within the source's + 0.05, perplexity <= 1.1x the source's, KL <= 0.15.
 LOOP_MARGIN, PERPLEXITY_FACTOR, KL_TARGET = 0.05, 1.1, 0.15
 RESAMPLES = 2000
+# What an arm's curve toward the source carries, for comparisons at equal loop rate.
+CURVE_METRICS = ("fixed_loop_rate", "kl_to_reference", "perplexity")
+# Arms compared at equal steps are compared at this step, or at the last step both reach if they do not.
+EQUAL_STEP = 200
+# The unprotected arm every other unprotected arm is compared with at equal quality (the best so far).
+BEST_ARM = "self-distill"
 
 
 def load_results(results_dir: Path) -> tuple[dict | None, list[dict]]:
@@ -135,6 +144,113 @@ def meets_targets(point: dict, source: dict) -> dict[str, bool]:
             "kl": values["kl_to_reference"] <= KL_TARGET}
 
 
+# ---- comparisons at equal quality (equal length-controlled loop rate) --------------------------------------
+
+
+def arm_curve(arm_points_list: list[dict], raw: dict) -> dict[str, list[np.ndarray]]:
+    """The path an arm takes from the raw stack: metric -> items per point, the raw stack (step 0) first, then the
+    arm's checkpoints in step order. Loop items are per prompt [prompts], KL and perplexity per row [rows, 2]."""
+    ordered = sorted(arm_points_list, key=lambda point: point["step"])
+    return {metric: [raw["items"][metric], *(point["items"][metric] for point in ordered)]
+            for metric in CURVE_METRICS}
+
+
+def values_at_level(loop_rates: np.ndarray, values: np.ndarray, level: float) -> np.ndarray:
+    """Per curve (a row of points in step order: [curves, points] or one curve [points]), the value where its loop
+    rate first falls to `level`: the first point at or below the level, interpolated linearly in loop rate with
+    the point before it (which is above the level); a curve that starts at or below it gives its first value, one
+    that never reaches it NaN. Returns [curves]."""
+    loop_rates, values = np.atleast_2d(loop_rates), np.atleast_2d(values)
+    at_or_below = loop_rates <= level
+    first = at_or_below.argmax(axis=1)  # 0 also where no point is at or below; `reached` masks those
+    reached = at_or_below.any(axis=1)
+    curves, before = np.arange(len(first)), np.maximum(first - 1, 0)
+    above_rate, below_rate = loop_rates[curves, before], loop_rates[curves, first]
+    # The weight of the point before: 0 on an exact hit (the point's own value, exactly) and where the curve starts
+    # at or below the level (there is no point before), else in (0, 1).
+    weight_before = np.divide(level - below_rate, above_rate - below_rate, out=np.zeros(len(first)),
+                              where=first > 0)
+    at_level = values[curves, first] + weight_before * (values[curves, before] - values[curves, first])
+    return np.where(reached, at_level, np.nan)
+
+
+def at_loop_rate(curve: dict[str, list[np.ndarray]], level: float) -> dict[str, float]:
+    """KL to the source and perplexity where the arm's curve (`arm_curve`) first falls to loop rate `level`
+    (`values_at_level`; NaN where it never does)."""
+    loop_rates = np.array([estimate(items, "fixed_loop_rate") for items in curve["fixed_loop_rate"]])
+    return {metric: float(values_at_level(loop_rates, np.array([estimate(items, metric) for items in curve[metric]]),
+                                          level)[0])
+            for metric in ("kl_to_reference", "perplexity")}
+
+
+def common_level(curve_a: dict[str, list[np.ndarray]], curve_b: dict[str, list[np.ndarray]]) -> float:
+    """The lowest loop rate both arms reach on their curves (the larger of their minima): the best quality both
+    attain."""
+    return max(min(estimate(items, "fixed_loop_rate") for items in curve["fixed_loop_rate"])
+               for curve in (curve_a, curve_b))
+
+
+def resampled_kl_at_level(curve: dict[str, list[np.ndarray]], prompts: np.ndarray, rows: np.ndarray,
+                          level: float) -> np.ndarray:
+    """The curve's KL at loop rate `level` in each resample: `prompts` [resamples, num_prompts] indexes the loop
+    items and `rows` [resamples, num_rows] the KL rows, the same for every point. Returns [resamples]."""
+    loop_rates = np.stack([items[prompts].mean(axis=1) for items in curve["fixed_loop_rate"]], axis=1)
+    kl = np.stack([items[rows, 0].sum(axis=1) / items[rows, 1].sum(axis=1) for items in curve["kl_to_reference"]],
+                  axis=1)
+    return values_at_level(loop_rates, kl, level)
+
+
+def resample_indices(num_items: int, seed: int, num_resamples: int = RESAMPLES) -> np.ndarray:
+    """evaluation/stats.py's resampled item indices [num_resamples, num_items] at `seed`: the resamples of every
+    interval over the same items at that seed."""
+    return np.concatenate(list(stats.resample_chunks(num_items, num_resamples, seed)))
+
+
+@dataclass(frozen=True)
+class EqualQuality:
+    """Arm B against arm A at loop rate `level`: each one's KL and perplexity there, and the paired difference
+    B − A in KL with its interval over the resamples in which both reach the level (`undefined_share`: the share
+    of resamples in which either does not)."""
+
+    level: float
+    a: dict[str, float]
+    b: dict[str, float]
+    kl_difference: stats.Interval
+    undefined_share: float
+
+    @property
+    def verdict(self) -> str:
+        interval = self.kl_difference
+        if not (math.isfinite(interval.low) and math.isfinite(interval.high)) or interval.contains(0.0):
+            return "no difference measured"
+        return "lower KL at equal loops" if interval.high < 0 else "higher KL at equal loops"
+
+
+def compare_at_equal_quality(curve_a: dict[str, list[np.ndarray]], curve_b: dict[str, list[np.ndarray]], *,
+                             level: float | None = None, confidence: float = 0.95, seed: int = 0) -> EqualQuality:
+    """B − A in KL at the loop rate `level` (default: `common_level`), paired: every resample takes the same
+    prompts and the same KL rows for both arms (the items are the same prompts and rows for every model). The
+    prompts are resampled at `seed` and the rows at `seed + 1`: the two are different item sets, resampled
+    independently."""
+    for metric in ("fixed_loop_rate", "kl_to_reference"):
+        sizes = sorted({len(items) for items in (*curve_a[metric], *curve_b[metric])})
+        if len(sizes) > 1:
+            raise ValueError(f"{metric}: the two arms' checkpoints have {sizes} items; a paired comparison needs "
+                             "every model scored on the same items (evaluate them with the same evaluation flags).")
+    level = common_level(curve_a, curve_b) if level is None else level
+    prompts = resample_indices(len(curve_a["fixed_loop_rate"][0]), seed)
+    rows = resample_indices(len(curve_a["kl_to_reference"][0]), seed + 1)
+    differences = (resampled_kl_at_level(curve_b, prompts, rows, level)
+                   - resampled_kl_at_level(curve_a, prompts, rows, level))
+    defined = differences[np.isfinite(differences)]
+    at_a, at_b = at_loop_rate(curve_a, level), at_loop_rate(curve_b, level)
+    difference = at_b["kl_to_reference"] - at_a["kl_to_reference"]
+    low, high = (np.quantile(defined, [(1 - confidence) / 2, (1 + confidence) / 2]) if defined.size
+                 else (math.nan, math.nan))
+    return EqualQuality(level, at_a, at_b, stats.Interval(difference, float(low), float(high)),
+                        1.0 - defined.size / differences.size)
+
+
 # ---- the README -------------------------------------------------------------------------------------------
 
 
@@ -184,12 +300,13 @@ def _difference_table(title: str, pairs: list[tuple[str, dict, dict]]) -> list[s
              "| arm | step | " + " | ".join(METRICS[m][0] for m in METRICS) + " |",
              "|" + "---|" * (len(METRICS) + 2)]
     for arm, point, other in pairs:
-        cells = []
-        for metric in METRICS:
-            diff = paired(point["items"][metric], other[metric], metric)
-            cells.append(f"**{diff.format()}**" if diff.excludes_zero else diff.format())
+        cells = [_bold_if_measured(paired(point["items"][metric], other[metric], metric)) for metric in METRICS]
         lines.append(f"| {arm} | {point['step']} | {' | '.join(cells)} |")
     return lines
+
+
+def _bold_if_measured(difference: stats.Interval) -> str:
+    return f"**{difference.format()}**" if difference.excludes_zero else difference.format()
 
 
 def load_instructions(results_dir: Path) -> dict[str, dict]:
@@ -223,11 +340,116 @@ def _instruction_table(config, results: dict[str, dict]) -> list[str]:
             items = {m: np.mean([np.array(r["evaluation"]["models"][model]["items"][m], dtype=float)
                                  for r in arm_results], axis=0) for m in IF_METRICS}
             scores = [interval(items[m], m).format() for m in IF_METRICS]
-            diffs = [paired(items[m], source[m], m) for m in IF_METRICS]
-            diffs = [f"**{d.format()}**" if d.excludes_zero else d.format() for d in diffs]
+            diffs = [_bold_if_measured(paired(items[m], source[m], m)) for m in IF_METRICS]
             seeds = ",".join(str(r["key"]["heal"]["heal"]["seed"]) for r in arm_results)
             lines.append(f"| {arm} (seeds {seeds}) | {step_of(model)} | {' | '.join(scores)} | {' | '.join(diffs)} |")
     return lines
+
+
+def twin_of(arm: str) -> str | None:
+    """The unprotected arm a protected one is twinned with, the part before `+` ("sft+kfac-50" -> "sft"); None for
+    an unprotected arm."""
+    return arm.split("+", 1)[0] if "+" in arm else None
+
+
+def equal_step(steps_a: list[int], steps_b: list[int]) -> int | None:
+    """EQUAL_STEP if both arms reach it, else the last step both reach; None when they share no step."""
+    common = set(steps_a) & set(steps_b)
+    if not common:
+        return None
+    return EQUAL_STEP if EQUAL_STEP in common else max(common)
+
+
+def arm_instruction_items(instructions: dict[str, dict], run_names: list[str], metric: str) -> dict[int, np.ndarray]:
+    """step -> an IFEval metric's items at that step, the mean per prompt over the arm's runs with instruction
+    results there."""
+    by_step: dict[int, list[np.ndarray]] = defaultdict(list)
+    for name in run_names:
+        models = instructions[name]["evaluation"]["models"] if name in instructions else {}
+        for model, result in models.items():
+            by_step[step_of(model)].append(np.array(result["items"][metric], dtype=float))
+    return {step: np.mean(items, axis=0) for step, items in by_step.items()}
+
+
+def _equal_quality_lines(pairs: list[tuple[str, str]], points: dict[str, list[dict]], raw: dict,
+                         columns: tuple[str, str]) -> list[str]:
+    """For each (arm, against) pair: the table row of `compare_at_equal_quality` (arm − against), then one closing
+    line per pair with the verdict."""
+    arm_label, against_label = columns
+    lines = [f"| {arm_label} | {against_label} | loop rate L | KL at L: {against_label} | KL at L: {arm_label} | "
+             f"perplexity at L: {against_label} | perplexity at L: {arm_label} | "
+             f"{arm_label} − {against_label}: KL at L | undefined |", "|" + "---|" * 9]
+    verdicts = []
+    for arm, against in pairs:
+        result = compare_at_equal_quality(arm_curve(points[against], raw), arm_curve(points[arm], raw))
+        kl, perplexity = "kl_to_reference", "perplexity"
+        difference = result.kl_difference.format()
+        lines.append(f"| {arm} | {against} | {result.level:.3g} | {result.a[kl]:.3g} | {result.b[kl]:.3g} | "
+                     f"{result.a[perplexity]:.3g} | {result.b[perplexity]:.3g} | "
+                     f"{f'**{difference}**' if result.verdict != 'no difference measured' else difference} | "
+                     f"{result.undefined_share:.0%} |")
+        verdicts.append(f"- {arm} against {against}: **{result.verdict}** (KL {difference} at loop rate "
+                        f"{result.level:.3g}).")
+    return [*lines, "", *verdicts]
+
+
+def _equal_step_lines(pairs: list[tuple[str, str]], points: dict[str, list[dict]], runs: list[dict],
+                      instructions: dict[str, dict]) -> list[str]:
+    """protected − twin at the same step (EQUAL_STEP or the last both reach), paired over items, for the curves'
+    metrics and IFEval prompt-level strict where both arms have instruction results at a common step."""
+    run_names: dict[str, list[str]] = defaultdict(list)
+    for run in runs:
+        run_names[run["arm"]].append(run["name"])
+    strict = "if_prompt_strict"
+    lines = ["| protected | twin | step | " + " | ".join(METRICS[m][0] for m in METRICS) +
+             f" | {IF_METRICS[strict][0]} (step) |", "|" + "---|" * (len(METRICS) + 4)]
+    for arm, twin in pairs:
+        steps = {name: {point["step"]: point for point in points[name]} for name in (arm, twin)}
+        step = equal_step(list(steps[arm]), list(steps[twin]))
+        cells = ["–" if step is None else
+                 _bold_if_measured(paired(steps[arm][step]["items"][m], steps[twin][step]["items"][m], m))
+                 for m in METRICS]
+        scores = {name: arm_instruction_items(instructions, run_names[name], strict) for name in (arm, twin)}
+        if_step = equal_step(list(scores[arm]), list(scores[twin]))
+        cells.append("–" if if_step is None else
+                     f"{_bold_if_measured(paired(scores[arm][if_step], scores[twin][if_step], strict))} ({if_step})")
+        lines.append(f"| {arm} | {twin} | {step} | {' | '.join(cells)} |")
+    return lines
+
+
+EQUAL_QUALITY_METHOD = (
+    "Each arm's curve is the raw stack (step 0) then its checkpoints in step order; its KL to the source (and "
+    "perplexity) at loop rate L is where the curve first falls to L, interpolated linearly in loop rate between "
+    "the two checkpoints around it. L is the lowest loop rate both arms reach: the best quality both attain. The "
+    "difference has a 95% paired bootstrap interval (every resample takes the same prompts and the same KL rows "
+    "for both arms), over the resamples in which both arms reach L; `undefined` is the share in which either does "
+    "not. Bold where the interval excludes 0.")
+
+
+def _protection_section(points: dict[str, list[dict]], raw: dict, runs: list[dict],
+                        instructions: dict[str, dict]) -> list[str]:
+    """Each protected arm against its unprotected twin: at equal loop rate, then at equal steps. Nothing when no
+    protected arm has its twin's results."""
+    pairs = [(arm, twin_of(arm)) for arm in points if twin_of(arm) in points]
+    if not pairs:
+        return []
+    return ["## Protection at equal quality", "",
+            f"Each protected arm against its unprotected twin (the arm before `+`), protected − twin. "
+            f"{EQUAL_QUALITY_METHOD}", "",
+            *_equal_quality_lines(pairs, points, raw, ("protected", "twin")), "",
+            f"At equal steps ({EQUAL_STEP}, or the last step both reach), protected − twin paired over items; bold "
+            "where the interval excludes 0:", "",
+            *_equal_step_lines(pairs, points, runs, instructions), ""]
+
+
+def _arms_section(points: dict[str, list[dict]], raw: dict) -> list[str]:
+    """Every other unprotected arm against BEST_ARM at equal loop rate. Nothing without BEST_ARM or another arm."""
+    pairs = [(arm, BEST_ARM) for arm in points if twin_of(arm) is None and arm != BEST_ARM and BEST_ARM in points]
+    if not pairs:
+        return []
+    return ["## Arms at equal quality", "",
+            f"Every unprotected arm against {BEST_ARM}, arm − {BEST_ARM}. {EQUAL_QUALITY_METHOD}", "",
+            *_equal_quality_lines(pairs, points, raw, ("arm", "against")), ""]
 
 
 def write_study_report(config, results_dir: Path) -> Path:
@@ -239,6 +461,7 @@ def write_study_report(config, results_dir: Path) -> Path:
         return readme
     refs = reference_points(baseline)
     points = arm_points(runs)
+    instructions = load_instructions(results_dir)
     done = {run["name"] for run in runs}
     missing = [run.name for run in config.runs if run.name not in done]
     lines = [
@@ -274,7 +497,9 @@ def write_study_report(config, results_dir: Path) -> Path:
         "",
         *_differences(points, "sft"),
         "",
-        *_instruction_table(config, load_instructions(results_dir)),
+        *_protection_section(points, refs["raw"], runs, instructions),
+        *_arms_section(points, refs["raw"]),
+        *_instruction_table(config, instructions),
         "",
     ]
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -309,19 +534,39 @@ def _pyplot():
     return plt
 
 
+# Markers of the protections (the part of an arm's name after `+`); unprotected arms are drawn with "o".
+PROTECTION_MARKERS = ("s", "^", "v", "D", "P", "p", "h", "<", ">", "d")
+
+
+def arm_styles(arms: list[str]) -> dict[str, dict[str, str]]:
+    """arm -> its line's matplotlib style: an unprotected arm has a colour of its own, a solid line and round
+    markers; a protected arm its twin's colour, a dashed line and its protection's marker (the same protection has
+    the same marker whatever the twin)."""
+    twins = list(dict.fromkeys(arm.partition("+")[0] for arm in arms))
+    protections = sorted({arm.partition("+")[2] for arm in arms if "+" in arm})
+    styles = {}
+    for arm in arms:
+        twin, _, protection = arm.partition("+")
+        colour = f"C{twins.index(twin) % 10}"  # matplotlib's default cycle has 10 colours
+        marker = PROTECTION_MARKERS[protections.index(protection) % len(PROTECTION_MARKERS)] if protection else "o"
+        styles[arm] = {"color": colour, "marker": marker, "linestyle": "--" if protection else "-"}
+    return styles
+
+
 def plot_curves(points: dict[str, list[dict]], refs: dict[str, dict], path: Path) -> None:
-    """One panel per metric against training tokens (log scale), one line per arm with its 95% band; the source
-    as a dashed line and the raw stack as a dotted one."""
+    """One panel per metric against training tokens (log scale), one line per arm (`arm_styles`) with its 95%
+    band; the source as a dashed black line and the raw stack as a dotted one."""
     plt = _pyplot()
+    styles = arm_styles(list(points))
     figure, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
     for axis, metric in zip(axes, METRICS):
-        for index, (arm, arm_points_list) in enumerate(points.items()):
+        for arm, arm_points_list in points.items():
             x = [p["tokens"] for p in arm_points_list]
             y = [p["intervals"][metric].estimate for p in arm_points_list]
             low = [p["intervals"][metric].low for p in arm_points_list]
             high = [p["intervals"][metric].high for p in arm_points_list]
-            axis.plot(x, y, marker="o", color=f"C{index}", label=arm)
-            axis.fill_between(x, low, high, color=f"C{index}", alpha=0.15)
+            axis.plot(x, y, label=arm, **styles[arm])
+            axis.fill_between(x, low, high, color=styles[arm]["color"], alpha=0.15)
         for name, style in (("source", "--"), ("raw", ":")):
             axis.axhline(refs[name]["intervals"][metric].estimate, color="black", linestyle=style, label=name)
         axis.set_xscale("log")
@@ -334,15 +579,18 @@ def plot_curves(points: dict[str, list[dict]], refs: dict[str, dict], path: Path
 
 
 def plot_pareto(points: dict[str, list[dict]], refs: dict[str, dict], path: Path) -> None:
-    """KL to the source against the length-controlled seq-rep-4, every checkpoint of every arm (the path of each
-    arm drawn in step order); the source sits at KL 0."""
+    """KL to the source against the length-controlled seq-rep-4, every checkpoint of every arm joined in step order
+    (`arm_styles`: a protected arm in its twin's colour, dashed, with its protection's marker), its last step
+    labelled; the source sits at KL 0."""
     plt = _pyplot()
+    styles = arm_styles(list(points))
     figure, axis = plt.subplots(figsize=(5.5, 4.2))
-    for index, (arm, arm_points_list) in enumerate(points.items()):
-        x = [p["intervals"]["fixed_seq_rep_4"].estimate for p in arm_points_list]
-        y = [p["intervals"]["kl_to_reference"].estimate for p in arm_points_list]
-        axis.plot(x, y, marker="o", color=f"C{index}", label=arm)
-        axis.annotate(str(arm_points_list[-1]["step"]), (x[-1], y[-1]), fontsize=7)
+    for arm, arm_points_list in points.items():
+        ordered = sorted(arm_points_list, key=lambda point: point["step"])
+        x = [p["intervals"]["fixed_seq_rep_4"].estimate for p in ordered]
+        y = [p["intervals"]["kl_to_reference"].estimate for p in ordered]
+        axis.plot(x, y, label=arm, **styles[arm])
+        axis.annotate(str(ordered[-1]["step"]), (x[-1], y[-1]), fontsize=7)
     for name, marker in (("source", "*"), ("raw", "X")):
         intervals = refs[name]["intervals"]
         axis.scatter([intervals["fixed_seq_rep_4"].estimate], [intervals["kl_to_reference"].estimate], color="black",
@@ -352,7 +600,7 @@ def plot_pareto(points: dict[str, list[dict]], refs: dict[str, dict], path: Path
                  linestyle="--")
     axis.set_xlabel("seq-rep-4 at 96 tokens (lower is better)")
     axis.set_ylabel("KL to the source, nats/token (lower is better)")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    # Beside the axes: with a dozen protected arms a legend inside would hide the points.
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)

@@ -2,7 +2,7 @@
 
 A metric is a statistic of items (prompts, rows): `bootstrap_mean`, `bootstrap_ratio`, `bootstrap_statistic`,
 and their `paired_*` forms for two models scored on the same items. At the same seed every interval over the
-same items uses the very same resamples (`_resample_chunks`). The method: docs/architecture.md, section
+same items uses the very same resamples (`resample_chunks`). The method: docs/architecture.md, section
 "Intervals: `evaluation/stats.py`".
 """
 
@@ -156,12 +156,12 @@ def _bootstrap(num_items: int, batch_statistic: BatchStatistic, *, num_resamples
         raise ValueError(f"confidence={confidence}; pass a level strictly between 0 and 1, e.g. 0.95.")
     estimate = float(batch_statistic(np.arange(num_items)[None, :])[0])
     resampled = np.concatenate([batch_statistic(indices)
-                                for indices in _resample_chunks(num_items, num_resamples, seed)])
+                                for indices in resample_chunks(num_items, num_resamples, seed)])
     low, high = np.quantile(resampled, [(1 - confidence) / 2, (1 + confidence) / 2])
     return Interval(estimate, float(low), float(high))
 
 
-def _resample_chunks(num_items: int, num_resamples: int, seed: int) -> Iterator[np.ndarray]:
+def resample_chunks(num_items: int, num_resamples: int, seed: int) -> Iterator[np.ndarray]:
     """The [num_resamples, num_items] matrix of resampled item indices, in chunks of rows.
 
     The rows are drawn in order from one generator seeded by `seed`, and drawing a chunk of rows draws the same

@@ -3,7 +3,7 @@
     python -m heal.answers --model models/e4b-it --data prompts.jsonl --out out/answers [--num-prompts N]
         [--max-new-tokens 160] [--temperature 0] [--num-samples 1] [--seed 0] [--batch-size 32]
         [--keep-unfinished] [--device auto] [--dtype auto] [--force]
-    python -m heal.answers --config answers.yaml --temperature 1.0     # AnswersConfig fields from a YAML
+    python -m heal.answers --config recipes/answers.yaml --temperature 1.0     # AnswersConfig fields from a YAML
 
 Writes answers.jsonl (TRL prompt-completion rows) and answers.json into --out; resumable chunk by chunk. Prompts,
 sampling, dropped answers, outputs and resume: docs/architecture.md, section "Self-generated data".
@@ -92,6 +92,12 @@ def make_parser() -> ConfigParser:
                         help="replace an --out that this stage did not write, and discard an OUT.partial of other "
                         "settings")
     return parser
+
+
+def load_config(path: str | Path | None, **overrides) -> AnswersConfig:
+    """The AnswersConfig of the YAML at `path` (recipes/answers.yaml), `overrides` (command-line flags) on top;
+    an unknown key in either is an AnswersError naming it."""
+    return load_dataclass(AnswersConfig, path, overrides, "recipes/answers.yaml", AnswersError)
 
 
 def check_inputs(model_dir: Path, data: Path) -> None:
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides, args = make_parser().parse(argv)
     setup_logging()
     try:
-        config = load_dataclass(AnswersConfig, args.config, overrides, "a YAML of AnswersConfig fields", AnswersError)
+        config = load_config(args.config, **overrides)
         run(config, args.force)
     except (AnswersError, EvalError, SourceError, OutputExistsError) as error:
         logger.error("%s", error)

@@ -14,8 +14,9 @@ from .conftest import REPO, SEED_SOURCE_LAYERS
 
 def recipe_kind(path: Path) -> str | None:
     """What a YAML under recipes/ configures, told by its keys: a stack recipe has `slices:`, a heal recipe the raw
-    `stack:` folder and `datasets:`, a Fisher recipe a `model:` and `datasets:`. None: the demo's presets and study
-    (demo/run.py and demo/study.py load them) and accelerate's configs."""
+    `stack:` folder and `datasets:`, a Fisher recipe a `model:` and `datasets:`, an answers recipe (heal.answers) a
+    `model:` and one prompt file, `data:`. None: the demo's presets and study (demo/run.py and demo/study.py load
+    them) and accelerate's configs."""
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, dict) or "accelerate" in path.parts:
         return None
@@ -23,6 +24,8 @@ def recipe_kind(path: Path) -> str | None:
         return "stack"
     if "datasets" in raw:
         return "heal" if "stack" in raw else "fisher" if "model" in raw else None
+    if "data" in raw and "model" in raw:
+        return "answers"
     return None
 
 
@@ -31,12 +34,14 @@ RECIPES = {path: recipe_kind(path) for path in sorted((REPO / "recipes").rglob("
 STACK_RECIPES = [path for path, kind in RECIPES.items() if kind == "stack"]
 HEAL_RECIPES = [path for path, kind in RECIPES.items() if kind == "heal"]
 FISHER_RECIPES = [path for path, kind in RECIPES.items() if kind == "fisher"]
+ANSWERS_RECIPES = [path for path, kind in RECIPES.items() if kind == "answers"]
 
 
 def test_the_seed_recipes_are_found_by_kind():
     # Guards the discovery above: a glob that found nothing would make the parametrized tests below vacuous.
     assert REPO / "recipes" / "e6b.yaml" in STACK_RECIPES
     assert REPO / "recipes" / "heal.yaml" in HEAL_RECIPES and REPO / "recipes" / "fisher.yaml" in FISHER_RECIPES
+    assert REPO / "recipes" / "answers.yaml" in ANSWERS_RECIPES
     assert {"presets.yaml", "study.yaml"} == {path.name for path, kind in RECIPES.items()
                                               if kind is None and "accelerate" not in path.parts}
 
@@ -149,6 +154,23 @@ def test_every_fisher_recipe_loads_and_validates(path: Path):
 
     config = load_config(path)
     assert config.model and config.datasets and config.num_examples > 0
+
+
+@pytest.mark.parametrize("path", ANSWERS_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_answers_recipe_loads_and_validates(path: Path):
+    from heal.answers import load_config
+
+    config = load_config(path)  # what `python -m heal.answers --config PATH` runs
+    assert config.model and config.data and config.out and config.max_new_tokens > 0
+
+
+def test_an_answers_recipe_with_a_misspelt_key_names_it(tmp_path):
+    from heal.answers import AnswersError, load_config
+
+    recipe = tmp_path / "answers.yaml"
+    recipe.write_text((REPO / "recipes" / "answers.yaml").read_text().replace("max_new_tokens:", "max_new_token:"))
+    with pytest.raises(AnswersError, match=r"unknown key\(s\) \['max_new_token'\] \(did you mean 'max_new_tokens'"):
+        load_config(recipe)
 
 
 def test_the_demo_stack_recipe_has_four_slices():

@@ -96,7 +96,7 @@ def test_unpaired_resampling_would_not_give_zero_for_identical_inputs():
     # two separately bootstrapped models would give) spreads around 0; only the joint resampling is exact.
     values, num_resamples = _values(), 2000
     means = {seed: np.concatenate([values[indices].mean(axis=1)
-                                   for indices in stats._resample_chunks(len(values), num_resamples, seed)])
+                                   for indices in stats.resample_chunks(len(values), num_resamples, seed)])
              for seed in (0, 1)}
     unpaired = np.quantile(means[0] - means[1], [0.025, 0.975])
     assert unpaired[0] < -0.05 and unpaired[1] > 0.05
@@ -145,7 +145,7 @@ def test_chunking_does_not_change_the_resamples(monkeypatch):
     values = _values(100)
     whole = bootstrap_mean(values, num_resamples=500)
     monkeypatch.setattr(stats, "_MAX_INDEX_ELEMENTS", 300)  # 3 resamples a chunk
-    assert len(list(stats._resample_chunks(100, 500, 0))) == 167
+    assert len(list(stats.resample_chunks(100, 500, 0))) == 167
     assert bootstrap_mean(values, num_resamples=500) == whole
 
 

@@ -219,6 +219,160 @@ def test_a_run_file_is_json_of_what_was_written(tmp_path):
     assert json.loads(path.read_text()) == {"name": "x", "value": [1, 2]}
 
 
+# ---- the report at equal quality: KL where the loop rate falls to a level, paired between arms --------------
+
+
+def _loop_items(loop_rate: float, n: int = 8) -> list[float]:
+    """n prompts, the first round(loop_rate * n) of them looping: the same prompts loop in every arm at a rate."""
+    looping = round(loop_rate * n)
+    return [1.0] * looping + [0.0] * (n - looping)
+
+
+def _curve_items(loop_rate: float, kl: float, nll: float, n: int = 8) -> dict[str, list]:
+    return {**_items(0.0, kl, nll, n), "fixed_loop_rate": _loop_items(loop_rate, n)}
+
+
+def _curve(loop_rates: list[float], kl_rows: list[np.ndarray], nll: list[float] | None = None) -> dict:
+    """An arm's curve (study_report.arm_curve's shape) from loop rates over 4 prompts, KL rows and NLLs per point."""
+    nll = nll or [1.0] * len(loop_rates)
+    return {"fixed_loop_rate": [np.array(_loop_items(rate, 4)) for rate in loop_rates],
+            "kl_to_reference": kl_rows,
+            "perplexity": [np.array([[value * 10, 10.0]] * 4) for value in nll]}
+
+
+def test_the_value_at_a_loop_rate_is_read_where_the_curve_first_falls_to_it():
+    values_at = study_report.values_at_level
+    loops, kl = np.array([0.8, 0.6, 0.3, 0.1]), np.array([1.0, 0.8, 0.5, 0.4])
+    assert math.isclose(values_at(loops, kl, 0.45)[0], 0.65)  # halfway from 0.6 to 0.3: halfway from 0.8 to 0.5
+    assert values_at(loops, kl, 0.3)[0] == 0.5  # a checkpoint exactly at the level: its own value
+    assert values_at(loops, kl, 0.8)[0] == 1.0  # the start is already at the level
+    assert np.isnan(values_at(loops, kl, 0.05)[0])  # never reached
+    # Non-monotone: the first crossing (0.8 -> 0.3: 0.6) is used, not the later one (0.6 -> 0.1: 0.62).
+    wandering = np.array([0.8, 0.3, 0.6, 0.1]), np.array([1.0, 0.5, 0.9, 0.2])
+    assert math.isclose(values_at(*wandering, 0.4)[0], 0.6)
+    # Several curves at once, one row each, give what each gives alone.
+    batch = values_at(np.stack([loops, wandering[0]]), np.stack([kl, wandering[1]]), 0.4)
+    assert np.allclose(batch, [values_at(loops, kl, 0.4)[0], 0.6])
+    # On items: loop rates 1, 0.5, 0.25 over 4 prompts; at 0.375, halfway between the last two points.
+    curve = _curve([1.0, 0.5, 0.25], [np.array([[k * 10, 10.0]] * 3) for k in (2.0, 1.0, 0.5)], nll=[3.0, 2.0, 1.0])
+    at = study_report.at_loop_rate(curve, 0.375)
+    assert math.isclose(at["kl_to_reference"], 0.75) and math.isclose(at["perplexity"], (math.exp(2) + math.e) / 2)
+    assert study_report.common_level(curve, _curve([1.0, 0.75], curve["kl_to_reference"][:2])) == 0.75
+
+
+def _random_curve(rng: np.random.Generator, num_prompts: int = 32, num_rows: int = 24) -> dict:
+    """A curve of 4 points whose loop rates fall (prompts looping with probability 0.9, 0.6, 0.4, 0.2) and whose KL
+    rows vary widely from row to row (the spread that pairing cancels)."""
+    row_kl = rng.uniform(0.0, 4.0, num_rows)
+    tokens = rng.integers(5, 20, num_rows).astype(float)
+    return {"fixed_loop_rate": [(rng.uniform(size=num_prompts) < p).astype(float) for p in (0.9, 0.6, 0.4, 0.2)],
+            "kl_to_reference": [np.stack([row_kl * scale * tokens, tokens], axis=1) for scale in (1.0, 0.6, 0.5, 0.4)],
+            "perplexity": [np.array([[20.0, 10.0]] * num_rows)] * 4}
+
+
+def _shifted(curve: dict, shift: float) -> dict:
+    """The same curve with every KL row raised by `shift` nats/token, so its KL is `shift` higher at every point."""
+    return {**curve, "kl_to_reference": [items + np.stack([shift * items[:, 1], 0 * items[:, 1]], axis=1)
+                                         for items in curve["kl_to_reference"]]}
+
+
+def test_an_arm_at_equal_quality_differs_from_itself_by_nothing_and_from_a_shifted_copy_by_the_shift():
+    curve = _random_curve(np.random.default_rng(0))
+    itself = study_report.compare_at_equal_quality(curve, curve)
+    assert itself.kl_difference.estimate == 0 and itself.kl_difference.contains(0.0)
+    assert itself.kl_difference.high - itself.kl_difference.low < 1e-12
+    assert itself.verdict == "no difference measured"
+    higher = study_report.compare_at_equal_quality(curve, _shifted(curve, 0.05))
+    assert math.isclose(higher.kl_difference.estimate, 0.05)
+    assert math.isclose(higher.kl_difference.low, 0.05) and math.isclose(higher.kl_difference.high, 0.05)
+    assert higher.verdict == "higher KL at equal loops"
+    assert study_report.compare_at_equal_quality(_shifted(curve, 0.05), curve).verdict == "lower KL at equal loops"
+    # The level is each curve's lowest loop rate: in a resample where that point rises above it, the level is not
+    # reached, and that share is reported.
+    assert higher.level == min(items.mean() for items in curve["fixed_loop_rate"])
+    assert 0 < higher.undefined_share < 1
+
+
+def test_the_comparison_at_equal_quality_pairs_the_items():
+    """Two arms that share most of their per-row KL (row 7 is hard in both): resampling both with the same prompts
+    and rows cancels what they share. Switched to separate resamples, the interval would be several times wider."""
+    rng = np.random.default_rng(1)
+    curve = _random_curve(rng)
+    other = _shifted(curve, 0.05)
+    other["kl_to_reference"] = [items + np.stack([rng.normal(0, 0.02, len(items)) * items[:, 1], 0 * items[:, 1]],
+                                                 axis=1) for items in other["kl_to_reference"]]
+    paired = study_report.compare_at_equal_quality(curve, other).kl_difference
+    level = study_report.common_level(curve, other)
+    num_prompts, num_rows = len(curve["fixed_loop_rate"][0]), len(curve["kl_to_reference"][0])
+    unpaired = (study_report.resampled_kl_at_level(other, study_report.resample_indices(num_prompts, 10),
+                                                   study_report.resample_indices(num_rows, 11), level)
+                - study_report.resampled_kl_at_level(curve, study_report.resample_indices(num_prompts, 0),
+                                                     study_report.resample_indices(num_rows, 1), level))
+    low, high = np.quantile(unpaired[np.isfinite(unpaired)], [0.025, 0.975])
+    assert paired.excludes_zero and not low > 0
+    assert paired.high - paired.low < 0.25 * (high - low)
+
+
+def _write_equal_quality_study(results_dir: Path, arms: dict[str, dict[int, tuple[float, float]]]) -> None:
+    """A baseline and one seed-0 run per arm, each step's (loop rate, KL) given; perplexity the source's."""
+    baseline = {"name": "baseline", "wall_seconds": {"evaluate": 30.0}, "machine": MACHINE,
+                "evaluation": _evaluation({"source": _curve_items(0.0, 0.0, 4.0), "raw": _curve_items(1.0, 1.0, 5.0)})}
+    study.write_result(results_dir / "runs", "baseline", baseline)
+    for arm, steps in arms.items():
+        study.write_result(results_dir / "runs", f"{arm}-s0", _run(arm, 0, {
+            step: _curve_items(loop_rate, kl, 4.0) for step, (loop_rate, kl) in steps.items()}))
+
+
+def test_the_report_compares_protected_arms_with_their_twins_at_equal_quality(config, tmp_path, monkeypatch):
+    """sft+kfac-50 follows sft's loop rates with 0.3 less KL at every checkpoint: at the loop rate both reach
+    (0.25) its KL is 0.3 lower; sft has 0.2 more than self-distill. Instruction results at step 100: the protected
+    arm passes half the prompts, its twin none. (curves.png, two seconds of matplotlib, is drawn in the test
+    above; pareto.png is drawn here, with a protected arm.)"""
+    monkeypatch.setattr(study_report, "plot_curves", lambda *args: None)
+    _write_equal_quality_study(tmp_path, {"sft": {50: (0.5, 0.6), 100: (0.25, 0.5)},
+                                          "sft+kfac-50": {50: (0.5, 0.3), 100: (0.25, 0.2)},
+                                          "self-distill": {50: (0.5, 0.4), 100: (0.25, 0.3)}})
+    study.write_result(tmp_path / "instructions", "sft-s0",
+                       _instructions("sft-s0", "step100", [0.0] * 16, [1] * 16, heal_seed=0))
+    study.write_result(tmp_path / "instructions", "sft+kfac-50-s0",
+                       _instructions("sft+kfac-50-s0", "step100", [1.0, 0.0] * 8, [2, 1] * 8, heal_seed=0))
+    lines = study_report.write_study_report(config, tmp_path).read_text().splitlines()
+    protection = lines[lines.index("## Protection at equal quality"):lines.index("## Arms at equal quality")]
+    row = next(line for line in protection if line.startswith("| sft+kfac-50 | sft | 0.25 |"))
+    assert "| 0.5 | 0.2 |" in row and "| **-0.300 [" in row
+    assert any(line.startswith("- sft+kfac-50 against sft: **lower KL at equal loops** (KL -0.300 [")
+               for line in protection)
+    # At equal steps: 100, the last step both reach; KL -0.3 on every row, IFEval strict 0.5 higher on step 100.
+    steps_row = next(line for line in protection if line.startswith("| sft+kfac-50 | sft | 100 |"))
+    assert "**-0.300 [-0.300, -0.300]**" in steps_row and steps_row.endswith("** (100) |")
+    assert "| **0.500 [" in steps_row
+    arms = lines[lines.index("## Arms at equal quality"):]
+    assert any(line.startswith("| sft | self-distill | 0.25 | 0.3 | 0.5 |") for line in arms)
+    assert any(line.startswith("- sft against self-distill: **higher KL at equal loops**") for line in arms)
+    assert not any(line.startswith("| sft+kfac-50 |") for line in arms)  # protected arms meet only their twin
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    styles = study_report.arm_styles(["sft", "sft+kfac-50", "self-distill", "self-distill+kfac-50", "sft+ewc-1e-4"])
+    assert styles["sft+kfac-50"]["color"] == styles["sft"]["color"] != styles["self-distill"]["color"]
+    assert styles["sft+kfac-50"]["marker"] == styles["self-distill+kfac-50"]["marker"] not in (
+        styles["sft"]["marker"], styles["sft+ewc-1e-4"]["marker"])
+
+
+def test_the_equal_quality_sections_are_left_out_without_the_arms_they_compare(tmp_path):
+    _write_equal_quality_study(tmp_path, {"sft": {50: (0.5, 0.6)}, "self-distill": {50: (0.5, 0.4)},
+                                          "self-distill+kfac-50": {50: (0.5, 0.3)}})
+    baseline, runs = study_report.load_results(tmp_path)
+    points, raw = study_report.arm_points(runs), study_report.reference_points(baseline)["raw"]
+    assert study_report._protection_section({"sft": points["sft"], "self-distill": points["self-distill"]}, raw,
+                                            runs, {}) == []
+    # A protected arm whose twin has no results yet is not compared.
+    assert study_report._protection_section({"sft": points["sft"],
+                                             "self-distill+kfac-50": points["self-distill+kfac-50"]}, raw,
+                                            runs, {}) == []
+    assert study_report._arms_section({"sft": points["sft"]}, raw) == []
+    assert study_report._arms_section({"self-distill": points["self-distill"]}, raw) == []
+    assert study_report._arms_section(points, raw)[0] == "## Arms at equal quality"
+
+
 # ---- the demo's presets (recipes/demo/presets.yaml) --------------------------------------------------------
 
 
