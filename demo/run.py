@@ -3,6 +3,7 @@
     python -m demo                      # the full experiment
     python -m demo --preset reduced     # the few-minute variant the test suite runs
     python -m demo --preset study       # the heal study, in resumable parts (demo/study.py)
+    python -m demo --preset gemma3      # the same study harness on Gemma-3-270M (base), healed by CPT
 
 SmolLM2-135M-Instruct stacked 30 -> 48 layers, healed in several arms at equal budgets and evaluated side by
 side, each stage by the project's own CLI: docs/architecture.md, section "The demo: `make demo`".
@@ -31,6 +32,8 @@ logger = logging.getLogger("demo")
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "demo"
 SOURCE_NAME = "SmolLM2-135M-Instruct"
+# The presets that are heal studies (demo/study.py), each with its own recipe: name -> recipes/demo file.
+STUDY_PRESETS = {"study": RECIPES / "study.yaml", "gemma3": RECIPES / "gemma3.yaml"}
 
 
 @dataclass(frozen=True)
@@ -85,16 +88,18 @@ PRESETS = load_presets()
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if wants_study(argv):  # the study has its own options (demo/study.py)
+    study = study_preset(argv)
+    if study is not None:  # a study has its own options (demo/study.py)
         from demo.study import main as study_main
 
-        return study_main([arg for arg in argv if arg not in ("--preset", "study", "--preset=study")])
+        return study_main([arg for arg in argv if arg not in ("--preset", study, f"--preset={study}")], study)
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("out/demo"),
                         help="where every stage writes (default: out/demo)")
-    parser.add_argument("--preset", choices=[*sorted(PRESETS), "study"], default="full",
-                        help="study: the heal study of recipes/demo/study.yaml (python -m demo --preset study --help)")
+    parser.add_argument("--preset", choices=[*sorted(PRESETS), *STUDY_PRESETS], default="full",
+                        help="study, gemma3: the heal studies of recipes/demo/study.yaml and gemma3.yaml "
+                        "(python -m demo --preset study --help)")
     parser.add_argument("--force", action="store_true",
                         help="delete WORKDIR first and run every stage again (also a folder the demo did not write)")
     parser.add_argument("--cache-dir", type=Path,
@@ -114,10 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def wants_study(argv: list[str]) -> bool:
-    """Whether `python -m demo ARGV` runs the heal study (demo/study.py), which parses the rest of ARGV."""
-    pairs = zip(argv, argv[1:])
-    return "--preset=study" in argv or any(flag == "--preset" and value == "study" for flag, value in pairs)
+def study_preset(argv: list[str]) -> str | None:
+    """The study preset (STUDY_PRESETS) that `python -m demo ARGV` runs, if any: demo/study.py parses the rest of
+    ARGV."""
+    for name in STUDY_PRESETS:
+        pairs = zip(argv, argv[1:])
+        if f"--preset={name}" in argv or any(flag == "--preset" and value == name for flag, value in pairs):
+            return name
+    return None
 
 
 def run_demo(workdir: Path, preset: Preset, preset_name: str, cache_dir: Path | None = None) -> Path:
@@ -178,15 +187,20 @@ class _Stages:
         logger.info("== %s: %.0f s", name, self.seconds[name])
 
 
-def _run(*command) -> None:
-    """One of the project's CLIs under this Python, its output (progress bars included) streamed here."""
+def _run(*command) -> float:
+    """One of the project's CLIs under this Python, its output (progress bars included) streamed here. Returns its
+    peak resident memory in MiB (the largest of its own and its waited-for children's)."""
     command = [sys.executable, *map(str, command)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     logger.info("$ %s", " ".join(command))
-    result = subprocess.run(command, cwd=REPO, env=env)
-    if result.returncode != 0:  # the stage's own exit status: 2 for a user error, as in every entry point
-        logger.error("`%s` failed with exit code %d (its log is above)", " ".join(command), result.returncode)
-        raise SystemExit(result.returncode)
+    process = subprocess.Popen(command, cwd=REPO, env=env)
+    # wait4, not Popen.wait: it also returns the child's resource usage; Linux reports ru_maxrss in KiB.
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    if process.returncode != 0:  # the stage's own exit status: 2 for a user error, as in every entry point
+        logger.error("`%s` failed with exit code %d (its log is above)", " ".join(command), process.returncode)
+        raise SystemExit(process.returncode)
+    return usage.ru_maxrss / 1024
 
 
 def _write_recipe(base: Path, path: Path, **overrides) -> Path:

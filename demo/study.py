@@ -1,11 +1,13 @@
-"""The heal study: every arm's heal curve on the real SmolLM2 experiment, run in resumable parts.
+"""The heal studies: every arm's heal curve on a real model, run in resumable parts. `--preset study` is the SmolLM2
+experiment (recipes/demo/study.yaml, results in docs/study/); `--preset gemma3` is Gemma-3-270M (base) healed by
+continued pretraining (recipes/demo/gemma3.yaml, results in docs/gemma3/).
 
     python -m demo --preset study                         # runs what is not in docs/study yet
     python -m demo --preset study --budget-minutes 60     # start no new run after 60 minutes
     python -m demo --preset study --report                # only rebuild docs/study/README.md and its plots
     python -m demo --preset study --arm self-distill --steps 200 --seed 0   # rebuild one healed model
 
-Every value is in recipes/demo/study.yaml. Runs, results, keys and work folders: docs/architecture.md, section
+Every value is in the preset's recipe. Runs, results, keys and work folders: docs/architecture.md, section
 "The heal study".
 """
 
@@ -17,20 +19,24 @@ import json
 import logging
 import os
 import platform
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from core.cli import setup_logging
 from core.outputs import mark_output_dir, write_file_atomic
-from demo.run import RECIPES, REPO, SOURCE_NAME, _run, _write_recipe
+from demo.run import RECIPES, REPO, SOURCE_NAME, STUDY_PRESETS, _run, _write_recipe
 
 logger = logging.getLogger("demo.study")
 
-STUDY_RECIPE = RECIPES / "study.yaml"
-DATA_KINDS = ("instruct", "greedy", "sampled")  # what an arm trains on: the demo's answers, or the source's own
+STUDY_RECIPE = STUDY_PRESETS["study"]
+# What an arm trains on: the demo's answers (instruct), the source's own (greedy, sampled: ANSWER_KINDS), or plain
+# text passages with the loss on every token (text: continued pretraining).
+DATA_KINDS = ("instruct", "greedy", "sampled", "text")
+ANSWER_KINDS = ("greedy", "sampled")
 
 
 class StudyConfigError(ValueError):
@@ -60,35 +66,68 @@ class StudyConfig:
     results_dir: Path  # relative to the repository
     heal: dict
     eval_steps: tuple[int, ...]
-    num_train_prompts: int
-    answers: dict  # data kind -> python -m heal.answers settings
-    fisher: dict
+    num_train_prompts: int  # training rows: the first N of the arm's training file (prompts, or text passages)
     evaluation: tuple[str, ...]
-    instruction_following: dict  # steps: checkpoints to score; evaluation: python -m evaluation flags
     arms: dict[str, Arm]
     runs: tuple[Run, ...]
+    # The keys below may be left out; their defaults are the SmolLM2 study's, and a default is left out of the
+    # result keys too (plain_text), so adding a key never re-keys that study's stored results.
+    source: str = SOURCE_NAME  # a packaged model: stack.from_gguf.PACKAGED_GGUFS
+    stack_recipe: str = "mini-e6b.yaml"  # a file of recipes/demo/
+    title: str = "The heal study"  # the report's heading
+    answers: dict = field(default_factory=dict)  # data kind -> python -m heal.answers settings
+    fisher: dict = field(default_factory=dict)  # python -m fisher recipe keys, for protected arms
+    # steps: checkpoints to score; evaluation: python -m evaluation flags. None: no instruction-following
+    instruction_following: dict | None = None
+    # A base model (no chat template), e.g. {prompt_words: 24}: the loops continue the openings (the first
+    # prompt_words words) of held-out passages as plain text, and the KL is on held-out text, every token. None: a
+    # chat model's held-out prompts and conversations.
+    plain_text: dict | None = None
 
 
 def load_study(path: Path = STUDY_RECIPE) -> StudyConfig:
     """The study YAML as a StudyConfig; an unknown key, arm or data kind is an error that names it."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
-    fields = set(StudyConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - fields)
-    missing = sorted(fields - set(raw))
+    fields = StudyConfig.__dataclass_fields__
+    required = {name for name, spec in fields.items() if spec.default is MISSING and spec.default_factory is MISSING}
+    unknown = sorted(set(raw) - set(fields))
+    missing = sorted(required - set(raw))
     if unknown or missing:
         raise StudyConfigError(f"{path}: unknown key(s) {unknown}, missing key(s) {missing}")
     arms = {name: _arm(path, name, entry) for name, entry in raw["arms"].items()}
     runs = tuple(_run_entry(path, entry, arms) for entry in raw["runs"])
+    optional = {key: raw[key] for key in ("source", "stack_recipe", "title") if key in raw}
     config = StudyConfig(
         results_dir=Path(raw["results_dir"]), heal=dict(raw["heal"]), eval_steps=tuple(raw["eval_steps"]),
-        num_train_prompts=int(raw["num_train_prompts"]), answers=dict(raw["answers"]), fisher=dict(raw["fisher"]),
-        evaluation=tuple(str(flag) for flag in raw["evaluation"]),
-        instruction_following=_instruction_following(path, raw["instruction_following"]), arms=arms, runs=runs)
+        num_train_prompts=int(raw["num_train_prompts"]), answers=dict(raw.get("answers") or {}),
+        fisher=dict(raw.get("fisher") or {}), evaluation=tuple(str(flag) for flag in raw["evaluation"]),
+        instruction_following=_instruction_following(path, raw.get("instruction_following")),
+        plain_text=_plain_text(path, raw.get("plain_text")), arms=arms, runs=runs, **optional)
     _check_steps(path, config)
+    _check_source(path, config)
     return config
 
 
-def _instruction_following(path: Path, entry: dict) -> dict:
+def _plain_text(path: Path, entry: dict | None) -> dict | None:
+    if entry is not None and (set(entry) != {"prompt_words"} or int(entry["prompt_words"]) < 1):
+        raise StudyConfigError(f"{path}: plain_text must be {{prompt_words: N}} with N >= 1 (the prompts' length in "
+                               f"words), got {entry}")
+    return entry
+
+
+def _check_source(path: Path, config: StudyConfig) -> None:
+    from stack.from_gguf import PACKAGED_GGUFS
+
+    if config.source not in PACKAGED_GGUFS:
+        raise StudyConfigError(f"{path}: source {config.source!r} is not a packaged model; sources are "
+                               f"{', '.join(PACKAGED_GGUFS)}")
+    if not (RECIPES / config.stack_recipe).is_file():
+        raise StudyConfigError(f"{path}: stack_recipe {config.stack_recipe!r} is not a file of {RECIPES}")
+
+
+def _instruction_following(path: Path, entry: dict | None) -> dict | None:
+    if entry is None:
+        return None
     if set(entry) != {"steps", "evaluation"}:
         raise StudyConfigError(f"{path}: instruction_following must have exactly the keys steps and evaluation, "
                                f"got {sorted(entry)}")
@@ -116,8 +155,8 @@ def _run_entry(path: Path, entry: dict, arms: dict[str, Arm]) -> Run:
 
 def _check_steps(path: Path, config: StudyConfig) -> None:
     save, last = config.heal.get("save_steps"), config.heal.get("max_steps")
-    bad = [step for step in (*config.eval_steps, *config.instruction_following["steps"])
-           if not save or step % save or step > last]
+    instruction_steps = config.instruction_following["steps"] if config.instruction_following else ()
+    bad = [step for step in (*config.eval_steps, *instruction_steps) if not save or step % save or step > last]
     if bad:
         raise StudyConfigError(f"{path}: eval_steps or instruction_following steps {bad} are not multiples of "
                                f"heal.save_steps ({save}) up to heal.max_steps ({last}): no checkpoint is there")
@@ -125,7 +164,7 @@ def _check_steps(path: Path, config: StudyConfig) -> None:
         if not steps_of(config, arm.name):
             raise StudyConfigError(f"{path}: arm {arm.name!r} stops at max_steps {arm.heal['max_steps']}, before "
                                    f"the first of eval_steps {list(config.eval_steps)}")
-    for kind in {arm.data for arm in config.arms.values()} - {"instruct"}:
+    for kind in {arm.data for arm in config.arms.values()} & set(ANSWER_KINDS):
         if kind not in config.answers:
             raise StudyConfigError(f"{path}: an arm trains on {kind!r} answers, but `answers` has no {kind!r} entry")
 
@@ -148,10 +187,10 @@ def instruction_steps_of(config: StudyConfig, arm: str) -> list[int]:
 def heal_key(config: StudyConfig, run: Run, data_hashes: dict[str, str]) -> dict:
     """Everything that shapes a run's heal (its checkpoints), without paths: the heal folder is named by its hash."""
     arm = config.arms[run.arm]
-    key = {"source": SOURCE_NAME, "stack": _stack_recipe(), "heal": {**_base_heal(), **config.heal, **arm.heal,
-                                                                     "seed": run.seed},
+    key = {"source": config.source, "stack": _stack_recipe(config),
+           "heal": {**_base_heal(), **config.heal, **arm.heal, "seed": run.seed},
            "data": data_hashes, "train_data": arm.data, "num_train_prompts": config.num_train_prompts}
-    if arm.data != "instruct":
+    if arm.data in ANSWER_KINDS:
         key["answers"] = answers_key(config, arm.data, data_hashes)["answers"]
     if arm.heal.get("protect"):
         key["fisher"] = config.fisher
@@ -162,17 +201,23 @@ def run_key(config: StudyConfig, run: Run, data_hashes: dict[str, str]) -> dict:
     """Everything that shapes a run's result: the heal's key, the evaluation flags and steps. Its hash decides
     whether a stored result is current, and names the run's evaluation folder."""
     return {**heal_key(config, run, data_hashes), "evaluation": list(config.evaluation),
-            "eval_steps": list(config.eval_steps)}
+            "eval_steps": list(config.eval_steps), **_evaluation_inputs_key(config)}
 
 
 def baseline_key(config: StudyConfig, data_hashes: dict[str, str]) -> dict:
-    return {"source": SOURCE_NAME, "stack": _stack_recipe(), "data": data_hashes,
-            "evaluation": list(config.evaluation)}
+    return {"source": config.source, "stack": _stack_recipe(config), "data": data_hashes,
+            "evaluation": list(config.evaluation), **_evaluation_inputs_key(config)}
+
+
+def _evaluation_inputs_key(config: StudyConfig) -> dict:
+    """What the evaluation reads beyond the data files' hashes: nothing for a chat model's held-out rows (so the
+    SmolLM2 study's keys are what they were before plain_text existed), the plain-text prompts' settings else."""
+    return {} if config.plain_text is None else {"plain_text": config.plain_text}
 
 
 def instructions_key(config: StudyConfig, run: Run | None, data_hashes: dict[str, str]) -> dict:
     """What shapes an instruction-following result: the source's (run None), or a run's at its steps."""
-    key = {"source": SOURCE_NAME, "data": data_hashes,
+    key = {"source": config.source, "data": data_hashes,
            "instruction_following": list(config.instruction_following["evaluation"])}
     if run is not None:
         key.update(heal=heal_key(config, run, data_hashes), steps=instruction_steps_of(config, run.arm))
@@ -180,17 +225,17 @@ def instructions_key(config: StudyConfig, run: Run | None, data_hashes: dict[str
 
 
 def answers_key(config: StudyConfig, kind: str, data_hashes: dict[str, str]) -> dict:
-    return {"source": SOURCE_NAME, "data": data_hashes, "num_train_prompts": config.num_train_prompts,
+    return {"source": config.source, "data": data_hashes, "num_train_prompts": config.num_train_prompts,
             "answers": config.answers[kind]}
 
 
 def fisher_key(config: StudyConfig, data_hashes: dict[str, str]) -> dict:
-    return {"source": SOURCE_NAME, "data": data_hashes, "num_train_prompts": config.num_train_prompts,
+    return {"source": config.source, "data": data_hashes, "num_train_prompts": config.num_train_prompts,
             "fisher": config.fisher, "recipe": (RECIPES / "fisher.yaml").read_text()}
 
 
-def _stack_recipe() -> str:
-    return (RECIPES / "mini-e6b.yaml").read_text()
+def _stack_recipe(config: StudyConfig) -> str:
+    return (RECIPES / config.stack_recipe).read_text()
 
 
 def key_hash(key: dict) -> str:
@@ -228,16 +273,16 @@ def write_result(results_dir: Path, name: str, result: dict) -> Path:
 
 
 class Workspace:
-    """out/study: the inputs every run shares, each made once and reused. Every stage's folder is named by the hash of
-    what shapes it (answers-greedy-<hash>, runs/sft-s0-<hash>, ...), so a changed setting makes a new folder instead of
-    reusing a stale one; the raw stack, which the adapters' configs point to by path, records its key beside it."""
+    """out/<preset>: the inputs every run shares, each made once and reused. Every stage's folder is named by the hash
+    of what shapes it (answers-greedy-<hash>, runs/sft-s0-<hash>, ...), so a changed setting makes a new folder instead
+    of reusing a stale one; the raw stack, which the adapters' configs point to by path, records its key beside it."""
 
     def __init__(self, workdir: Path, config: StudyConfig, cache_dir: Path | None):
         from demo.data import resolve_cache_dir
 
         self.workdir, self.config = workdir, config
         self.cache = resolve_cache_dir(cache_dir)
-        self.source = self.cache / SOURCE_NAME
+        self.source = self.cache / config.source
         self.data, self.raw = workdir / "data", workdir / "raw"
         self.data_hashes: dict[str, str] = {}
 
@@ -247,12 +292,14 @@ class Workspace:
     def prepare(self) -> dict[str, str]:
         """Data, source and raw stack; returns the data files' hashes (part of every result's key)."""
         from demo.data import prepare
-        from stack.from_gguf import convert_gguf, smollm2_gguf_path
+        from stack.from_gguf import PACKAGED_GGUFS, is_converted
 
         mark_output_dir(self.workdir, "demo")
         if not (self.data / "data.json").is_file():
             prepare(self.data, cache_dir=self.cache)
-        convert_gguf(smollm2_gguf_path(), self.source)
+        if not is_converted(self.source):
+            gguf = PACKAGED_GGUFS[self.config.source](self.cache)
+            self.run_stage(self.source, "-m", "stack.from_gguf", gguf, self.source)
         self._stack()
         manifest = json.loads((self.data / "data.json").read_text())
         self.data_hashes = {name: entry["sha256"] for name, entry in sorted(manifest["files"].items())}
@@ -261,27 +308,43 @@ class Workspace:
     def _stack(self) -> None:
         """The raw stack, restacked (--force: the folder is the study's own) when its recipe has changed."""
         record = self.workdir / "raw.key.json"
-        key = {"source": SOURCE_NAME, "stack": _stack_recipe()}
+        key = {"source": self.config.source, "stack": _stack_recipe(self.config)}
         if (self.raw / "stack.json").is_file() and record.is_file() and json.loads(record.read_text()) == key:
             return
-        _run("-m", "stack", RECIPES / "mini-e6b.yaml", "--source", self.source, "--out", self.raw, "--force")
+        self.run_stage(self.raw, "-m", "stack", RECIPES / self.config.stack_recipe, "--source", self.source,
+                       "--out", self.raw, "--force")
         write_file_atomic(record, json.dumps(key) + "\n")
+
+    def run_stage(self, output: Path, *command) -> None:
+        """A stage's CLI (demo.run._run), its peak resident memory kept beside its output folder (peak_rss): a
+        result reports it even when the stage ran in an earlier session."""
+        peak = _run(*command)
+        write_file_atomic(_rss_record(output), json.dumps({"peak_rss_mib": round(peak)}) + "\n")
 
     def train_prompts(self) -> Path:
         """The first num_train_prompts rows of instruct_train.jsonl: the same prompts for every arm."""
-        path = self.workdir / f"train-{self.config.num_train_prompts}.jsonl"
+        return self._first_rows("instruct_train.jsonl", f"train-{self.config.num_train_prompts}.jsonl")
+
+    def train_passages(self) -> Path:
+        """The first num_train_prompts rows of text_train.jsonl: plain text, the loss on every token (CPT)."""
+        return self._first_rows("text_train.jsonl", f"train-text-{self.config.num_train_prompts}.jsonl")
+
+    def _first_rows(self, data_file: str, name: str) -> Path:
+        path = self.workdir / name
         if not path.is_file():
-            rows = (self.data / "instruct_train.jsonl").read_text().splitlines()[: self.config.num_train_prompts]
+            rows = (self.data / data_file).read_text().splitlines()[: self.config.num_train_prompts]
             write_file_atomic(path, "\n".join(rows) + "\n")
         return path
 
     def train_data(self, kind: str) -> Path:
         if kind == "instruct":
             return self.train_prompts()
+        if kind == "text":
+            return self.train_passages()
         out = self.keyed(f"answers-{kind}", answers_key(self.config, kind, self.data_hashes))
         if not (out / "answers.jsonl").is_file():
-            _run("-m", "heal.answers", "--model", self.source, "--data", self.train_prompts(), "--out", out,
-                 *cli_flags(self.config.answers[kind]))
+            self.run_stage(out, "-m", "heal.answers", "--model", self.source, "--data", self.train_prompts(),
+                           "--out", out, *cli_flags(self.config.answers[kind]))
         return out / "answers.jsonl"
 
     def fisher(self) -> Path:
@@ -290,7 +353,7 @@ class Workspace:
             recipe = _write_recipe(RECIPES / "fisher.yaml", self.workdir / "recipes" / "fisher.yaml",
                                    model=str(self.source), datasets=[{"path": str(self.train_prompts())}],
                                    out=str(path.parent), **self.config.fisher)
-            _run("-m", "fisher", recipe)
+            self.run_stage(path.parent, "-m", "fisher", recipe)
         return path
 
     def heal_recipe(self, run: Run, output_dir: Path, **overrides) -> Path:
@@ -304,19 +367,60 @@ class Workspace:
 
     def evaluate(self, models: dict[str, Path], out: Path) -> dict:
         if not (out / "eval.json").is_file():
-            _run("-m", "evaluation", *[f for name, path in models.items() for f in ("--model", f"{name}={path}")],
-                 "--reference", "source", "--prompts", self.data / "prompts.jsonl",
-                 "--instruct", self.data / "instruct_heldout.jsonl", "--text", self.data / "text_heldout.jsonl",
-                 *self.config.evaluation, "--out", out, "--force")
+            self.run_stage(out, "-m", "evaluation",
+                           *[f for name, path in models.items() for f in ("--model", f"{name}={path}")],
+                           "--reference", "source", *self.evaluation_inputs(), *self.config.evaluation,
+                           "--out", out, "--force")
         return json.loads((out / "eval.json").read_text())
+
+    def evaluation_inputs(self) -> list:
+        """--prompts, --instruct (the KL's rows) and --text: a chat model's held-out prompts and conversations, or
+        (plain_text: a base model) the openings of held-out passages and the held-out text itself; and the lm-eval
+        tasks' folder when the evaluation flags name tasks."""
+        text = self.data / "text_heldout.jsonl"
+        if self.config.plain_text is None:
+            inputs = ["--prompts", self.data / "prompts.jsonl", "--instruct", self.data / "instruct_heldout.jsonl"]
+        else:
+            inputs = ["--prompts", self.passage_openings(), "--instruct", text]
+        inputs += ["--text", text]
+        return inputs + (["--tasks-dir", self.data / "lm_eval_tasks"] if "--tasks" in self.config.evaluation else [])
+
+    def passage_openings(self) -> Path:
+        """plain_text's prompts, one per held-out passage (passage_openings), named by the passages' hash."""
+        words = self.config.plain_text["prompt_words"]
+        path = self.workdir / f"openings-{words}-{self.data_hashes['text_heldout.jsonl'][:16]}.jsonl"
+        if not path.is_file():
+            lines = (self.data / "text_heldout.jsonl").read_text().splitlines()
+            passages = [json.loads(line)["text"] for line in lines]
+            write_file_atomic(path, "".join(json.dumps(row) + "\n" for row in passage_openings(passages, words)))
+        return path
 
     def evaluate_instructions(self, models: dict[str, Path], out: Path) -> dict:
         """IFEval's checkers on data/if_prompts.jsonl (no reference: the per-prompt scores pair across results)."""
         if not (out / "eval.json").is_file():
-            _run("-m", "evaluation", *[f for name, path in models.items() for f in ("--model", f"{name}={path}")],
-                 "--instructions", self.data / "if_prompts.jsonl", *self.config.instruction_following["evaluation"],
-                 "--out", out, "--force")
+            self.run_stage(out, "-m", "evaluation",
+                           *[f for name, path in models.items() for f in ("--model", f"{name}={path}")],
+                           "--instructions", self.data / "if_prompts.jsonl",
+                           *self.config.instruction_following["evaluation"], "--out", out, "--force")
         return json.loads((out / "eval.json").read_text())
+
+
+def passage_openings(passages: list[str], words: int) -> list[dict]:
+    """{"text": the first `words` words of a passage, its line breaks kept} per passage, the last passage first: the
+    evaluation's first --num-rows passages (KL, perplexity) come from one end of the held-out split, its first
+    --num-prompts prompts from the other."""
+    opening = re.compile(rf"\s*(?:\S+\s+){{0,{words - 1}}}\S+")
+    return [{"text": opening.match(text)[0]} for text in reversed(passages)]
+
+
+def peak_rss(output: Path) -> int | None:
+    """The peak resident memory in MiB of the stage that wrote `output` (Workspace.run_stage), None if unrecorded."""
+    record = _rss_record(output)
+    return json.loads(record.read_text())["peak_rss_mib"] if record.is_file() else None
+
+
+def _rss_record(output: Path) -> Path:
+    return output.with_name(f"{output.name}.peak-rss.json")
 
 
 def cli_flags(settings: dict) -> list:
@@ -339,10 +443,12 @@ def run_one(space: Workspace, run: Run, key: dict) -> dict:
     steps = steps_of(space.config, run.arm)
     models = {"source": space.source, **{f"step{s}": output_dir / f"checkpoint-{s}" for s in steps}}
     start = time.monotonic()
-    evaluation = space.evaluate(models, space.keyed(f"evals/{run.name}", key))
+    evaluation_dir = space.keyed(f"evals/{run.name}", key)
+    evaluation = space.evaluate(models, evaluation_dir)
     return {"name": run.name, "arm": run.arm, "seed": run.seed, "key_hash": key_hash(key), "key": key,
             "description": space.config.arms[run.arm].description, "machine": machine(),
             "wall_seconds": {"heal": round(heal_seconds, 1), "evaluate": round(time.monotonic() - start, 1)},
+            "peak_rss_mib": {"heal": peak_rss(output_dir), "evaluate": peak_rss(evaluation_dir)},
             "train_log": json.loads((output_dir / "trainer_state.json").read_text())["log_history"],
             "evaluation": slim(evaluation, keep_texts_of=f"step{steps[-1]}")}
 
@@ -351,7 +457,7 @@ def heal(space: Workspace, run: Run) -> Path:
     """The run's heal folder, healed first unless it is complete (an interrupted heal resumes from its checkpoint)."""
     output_dir = space.keyed(f"runs/{run.name}", heal_key(space.config, run, space.data_hashes))
     if not (output_dir / "trainer_state.json").is_file():
-        _run(REPO / "heal" / "train.py", space.heal_recipe(run, output_dir))
+        space.run_stage(output_dir, REPO / "heal" / "train.py", space.heal_recipe(run, output_dir))
     return output_dir
 
 
@@ -363,29 +469,37 @@ def run_instructions(space: Workspace, run: Run | None, key: dict) -> dict:
         name, heal_dir = run.name, heal(space, run)
         models = {f"step{s}": heal_dir / f"checkpoint-{s}" for s in instruction_steps_of(space.config, run.arm)}
     start = time.monotonic()
-    evaluation = space.evaluate_instructions(models, space.keyed(f"evals/if-{name}", key))
+    evaluation_dir = space.keyed(f"evals/if-{name}", key)
+    evaluation = space.evaluate_instructions(models, evaluation_dir)
     return {"name": name, "key_hash": key_hash(key), "key": key, "machine": machine(),
             "wall_seconds": {"evaluate": round(time.monotonic() - start, 1)},
+            "peak_rss_mib": {"evaluate": peak_rss(evaluation_dir)},
             "evaluation": slim(evaluation, keep_texts_of=next(reversed(models)))}
 
 
 def run_baseline(space: Workspace, key: dict) -> dict:
+    """The source and the raw stack evaluated; the peak memory of the source's conversion and of the stacking too."""
     start = time.monotonic()
-    evaluation = space.evaluate({"source": space.source, "raw": space.raw}, space.keyed("evals/baseline", key))
+    evaluation_dir = space.keyed("evals/baseline", key)
+    evaluation = space.evaluate({"source": space.source, "raw": space.raw}, evaluation_dir)
     return {"name": "baseline", "key_hash": key_hash(key), "key": key, "machine": machine(),
             "wall_seconds": {"evaluate": round(time.monotonic() - start, 1)},
+            "peak_rss_mib": {"convert": peak_rss(space.source), "stack": peak_rss(space.raw),
+                             "evaluate": peak_rss(evaluation_dir)},
             "evaluation": slim(evaluation, keep_texts_of="raw")}
 
 
 def slim(evaluation: dict, keep_texts_of: str) -> dict:
-    """eval.json without the continuations' text, except one model's (results stay small enough for git)."""
+    """eval.json without the continuations' text, except one model's (results stay small enough for git), and without
+    the work folder's paths."""
     models = {}
     for name, model in evaluation["models"].items():
         texts = ("continuations", "fixed_continuations", "if_responses")
         models[name] = {k: v for k, v in model.items() if k not in texts or name in (keep_texts_of, "source")}
         models[name].pop("path", None)
+    paths = ("prompts", "instruct", "text", "tasks_dir")
     return {**{k: v for k, v in evaluation.items() if k not in ("models", "config")}, "models": models,
-            "config": {k: v for k, v in evaluation["config"].items() if k not in ("prompts", "instruct", "text")}}
+            "config": {k: v for k, v in evaluation["config"].items() if k not in paths}}
 
 
 def machine() -> dict:
@@ -406,13 +520,17 @@ def run_study(config: StudyConfig, workdir: Path, budget_minutes: float, cache_d
     results_dir = REPO / config.results_dir
     space = Workspace(workdir, config, cache_dir)
     data_hashes = space.prepare()
-    todo = [("runs", "baseline", baseline_key(config, data_hashes), lambda key: run_baseline(space, key)),
-            ("instructions", "source", instructions_key(config, None, data_hashes),
-             lambda key: run_instructions(space, None, key))]
+    scores_instructions = config.instruction_following is not None
+    todo = [("runs", "baseline", baseline_key(config, data_hashes), lambda key: run_baseline(space, key))]
+    if scores_instructions:
+        todo.append(("instructions", "source", instructions_key(config, None, data_hashes),
+                     lambda key: run_instructions(space, None, key)))
     for run in config.runs:
-        todo += [("runs", run.name, run_key(config, run, data_hashes), lambda key, run=run: run_one(space, run, key)),
-                 ("instructions", run.name, instructions_key(config, run, data_hashes),
-                  lambda key, run=run: run_instructions(space, run, key))]
+        todo.append(("runs", run.name, run_key(config, run, data_hashes),
+                     lambda key, run=run: run_one(space, run, key)))
+        if scores_instructions:
+            todo.append(("instructions", run.name, instructions_key(config, run, data_hashes),
+                         lambda key, run=run: run_instructions(space, run, key)))
     pending = []
     for folder, name, key, make in todo:
         part = f"{folder}/{name}"
@@ -432,7 +550,7 @@ def rebuild(config: StudyConfig, workdir: Path, arm: str, steps: int, seed: int,
     """One arm's healed model at `steps`, merged, under WORKDIR/rebuild/: the same constant-rate heal stopped at
     `steps`, so it is the study's checkpoint-`steps` of that run."""
     if arm not in config.arms:
-        raise StudyConfigError(f"--arm {arm!r}: not an arm of {STUDY_RECIPE} ({', '.join(config.arms)})")
+        raise StudyConfigError(f"--arm {arm!r}: not an arm of this study ({', '.join(config.arms)})")
     space = Workspace(workdir, config, cache_dir)
     space.prepare()
     run = Run(arm, seed)
@@ -442,10 +560,11 @@ def rebuild(config: StudyConfig, workdir: Path, arm: str, steps: int, seed: int,
     return output_dir / "merged"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo --preset study", description=__doc__,
+def main(argv: list[str] | None = None, preset: str = "study") -> int:
+    """`python -m demo --preset PRESET ARGV`, PRESET one of STUDY_PRESETS."""
+    parser = argparse.ArgumentParser(prog=f"python -m demo --preset {preset}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("out/study"), help="weights and scratch (not in git)")
+    parser.add_argument("--workdir", type=Path, default=Path("out") / preset, help="weights and scratch (not in git)")
     parser.add_argument("--budget-minutes", type=float, default=90.0,
                         help="start no new run after this many minutes (a run took ~35 min alone on 2 cores)")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the stored results")
@@ -458,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     from demo.study_report import write_study_report
 
     try:
-        config = load_study()
+        config = load_study(STUDY_PRESETS[preset])
         if args.arm:
             if args.steps is None:
                 parser.error("--arm needs --steps (the budget to rebuild at)")
@@ -469,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             pending = run_study(config, args.workdir.resolve(), args.budget_minutes, args.cache_dir)
             if pending:
                 logger.info("budget spent; still to run: %s (run the same command again)", ", ".join(pending))
-        logger.info("report: %s", write_study_report(config, REPO / config.results_dir))
+        logger.info("report: %s", write_study_report(config, REPO / config.results_dir, preset))
     except StudyConfigError as error:
         logger.error("%s", error)
         return 2

@@ -14,8 +14,8 @@ class EvalError(ValueError):
 
 @dataclass(frozen=True)
 class EvalConfig:
-    prompts: Path | None = None  # JSONL of chat prompts, for the degeneration metrics
-    instruct: Path | None = None  # JSONL of TRL "messages" rows, for kl_to_reference
+    prompts: Path | None = None  # JSONL of chat (or plain {"text"}) prompts, for the degeneration metrics
+    instruct: Path | None = None  # JSONL of TRL "messages" (or plain {"text"}) rows, for kl_to_reference
     text: Path | None = None  # JSONL of {"text"} rows, for perplexity
     instructions: Path | None = None  # IFEval-format JSONL, for the verifiable-instruction accuracies
     tasks: tuple[str, ...] = ()  # lm-eval-harness task names

@@ -1,5 +1,6 @@
-"""Greedy continuations of chat prompts: natural-stop ones (cut at a stop token or the cap) and length-controlled
-ones (exactly N tokens, every stop token suppressed until then), both from one `generate` run per batch."""
+"""Greedy continuations of prompts (chat or plain text): natural-stop ones (cut at a stop token or the cap) and
+length-controlled ones (exactly N tokens, every stop token suppressed until then), both from one `generate` run per
+batch."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from core.tokens import pad_batch, pad_id, stop_token_ids
-from evaluation.inputs import Messages, chat_ids, length_sorted_batches
+from evaluation.inputs import ChatOrText, length_sorted_batches, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,14 @@ class _BothDone(StoppingCriteria):
 
 
 @torch.inference_mode()
-def greedy_continuations(model, tokenizer, prompts: Sequence[Messages], max_new_tokens: int = 160,
+def greedy_continuations(model, tokenizer, prompts: Sequence[ChatOrText], max_new_tokens: int = 160,
                          fixed_new_tokens: int = 0, batch_size: int = 32) -> Continuations:
-    """Greedy decoding of each chat prompt (chat template, add_generation_prompt=True) in left-padded batches
-    of similar length; left padding keeps every prompt's last token in the last column, where generation
-    continues. Results come back in prompt order."""
+    """Greedy decoding of each prompt (a chat prompt through the chat template with add_generation_prompt=True, a
+    plain-text one as the tokenizer encodes it: inputs.prompt_ids) in left-padded batches of similar length; left
+    padding keeps every prompt's last token in the last column, where generation continues. Results come back in
+    prompt order."""
     stops, pad = stop_token_ids(tokenizer), pad_id(tokenizer)
-    encoded = [chat_ids(tokenizer, messages, add_generation_prompt=True) for messages in prompts]
+    encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts]
     natural: list[Continuation | None] = [None] * len(encoded)
     fixed: list[Continuation | None] = [None] * len(encoded)
     progress = tqdm(total=len(encoded), desc="generate", unit="prompt", dynamic_ncols=True)

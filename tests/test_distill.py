@@ -29,6 +29,7 @@ from heal.distill import (
     token_kl,
 )
 from heal.train import main
+from stack.tiny import save_tiny_decoder
 
 from .checkpoints import assert_loads_clean, assert_protection_holds
 from .conftest import heal_recipe, run_stack, write_recipe
@@ -140,6 +141,32 @@ def test_a_student_that_differs_from_the_teacher_gets_loss_and_gradient(identity
     loss, grads = one_step_loss_and_lora_grads(rewind, tiny_llama, chat, tmp_path)
     assert loss.item() > 1e-3
     assert any(torch.count_nonzero(g) > 0 for g in grads)
+
+
+@pytest.fixture(scope="module")
+def gemma3_text_rewind(tmp_path_factory):
+    """A tiny 6-layer gemma3_text (sliding x5, full) and its rewind stack, which ends on the full-attention layer."""
+    folder = tmp_path_factory.mktemp("gemma3-text")
+    source = save_tiny_decoder(folder / "source", "gemma3_text", num_hidden_layers=6)
+    assert run_stack(write_recipe(folder / "rw.yaml", [(0, 4), (2, 6)]), source, folder / "rewind") == 0
+    return source, folder / "rewind"
+
+
+@pytest.mark.parametrize("completion_only_loss", [True, False])
+def test_cpt_on_text_rows_puts_the_loss_and_the_kl_on_every_token(gemma3_text_rewind, tmp_path, completion_only_loss):
+    """Continued pretraining (the gemma3 study): plain {"text"} rows. Every token of a row is a label, the EOS TRL
+    appends too, whatever completion_only_loss says (recipes/demo/heal.yaml sets it for the chat arms), and
+    distill's KL (distill_tokens: loss) counts every position that predicts one of them."""
+    source, stack = gemma3_text_rewind
+    texts = ["w5 w6 w7 w8", "w9 w10", "w11 w12 w13 w14 w15 w16"]
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in texts])
+    trainer, inputs = make_trainer(stack, source, data, tmp_path, completion_only_loss=completion_only_loss,
+                                   per_device_train_batch_size=3)
+    real = inputs["attention_mask"].bool()  # [3, longest]: right padding
+    assert sorted(real.sum(1).tolist()) == sorted(len(text.split()) + 1 for text in texts)  # + EOS
+    assert torch.equal(inputs["labels"][real], inputs["input_ids"][real]) and (inputs["labels"][~real] == -100).all()
+    assert torch.equal(trainer._positions(inputs), real[:, 1:])
+    assert trainer.compute_loss(trainer.model, inputs).item() > 0
 
 
 # ---- through heal/train.py on the tiny E6B -----------------------------------------------------------------

@@ -15,6 +15,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from tokenizers import processors
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -24,7 +25,7 @@ from evaluation import ifeval
 from evaluation.__main__ import main
 from evaluation.config import EvalConfig, EvalError, resolve_device, resolve_dtype
 from evaluation.generation import greedy_continuations
-from evaluation.inputs import load_instruct
+from evaluation.inputs import load_instruct, load_prompts, prompt_ids
 from evaluation.likelihood import (
     Backbone,
     ResponseExample,
@@ -240,6 +241,33 @@ def test_kl_matches_unpadded_rows_one_at_a_time(model_a, model_b, tokenizer, cha
     assert ratio(rows) > 0
 
 
+def test_kl_of_text_rows_covers_every_token_after_the_first(model_a, model_b, tokenizer, chat_rows, tmp_path):
+    """{"text"} rows of --instruct (a base model's held-out text, beside chat rows): KL(reference ‖ model) at every
+    position that predicts a token, each row cut to max_length; batched and chunked equal each row's full logits."""
+    texts = ["w1 w7 w300 w42 w42 w9", "w10 w11", "w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15"]
+    path = write_jsonl(tmp_path / "kl.jsonl", [{"text": text, "work": "x"} for text in texts] +
+                       [{"messages": chat_rows[0]}])
+    rows = load_instruct(path)
+    assert rows[:3] == texts and rows[3] == chat_rows[0]
+    max_length = 8  # cuts the last row
+    expected = []
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"][:max_length]])
+            kl = token_kl(model_a(ids).logits[0, :-1], model_b(ids).logits[0, :-1])
+            expected.append((kl.sum().item(), kl.numel()))
+    assert [count for _, count in expected] == [5, 1, 7]
+    examples = encode_response_examples(tokenizer, rows[:3], max_length=max_length)
+    states = reference_states(Backbone(model_a), examples, tokenizer.pad_token_id, batch_size=2)
+    for chunk_size in (3, 256):
+        kl = kl_rows(Backbone(model_b), states, examples, tokenizer.pad_token_id, batch_size=2, chunk_size=chunk_size)
+        assert [count for _, count in kl] == [count for _, count in expected]
+        assert_close(torch.tensor([total for total, _ in kl]), torch.tensor([total for total, _ in expected]),
+                     rtol=1e-5, atol=1e-7)
+    with pytest.raises(EvalError, match="kl.jsonl row 1: fewer than two tokens"):
+        encode_response_examples(tokenizer, ["w1 w2", "w3"], source="kl.jsonl")
+
+
 def test_a_row_whose_prompt_is_not_a_prefix_is_named(tokenizer, chat_rows):
     odd = copy.deepcopy(tokenizer)
     # The full text gains a first token.
@@ -293,8 +321,11 @@ def test_perplexity_weights_rows_by_tokens_and_ignores_padding_and_truncated_tok
 
 def generate_alone(model, tokenizer, messages, max_new_tokens, min_new_tokens: int = 0):
     """One prompt, no padding, straight model.generate (min_new_tokens: HF's own stop-token suppression); cut at the
-    first stop token. Returns (tokens, stopped)."""
-    ids = template_ids(tokenizer, messages, add_generation_prompt=True)
+    first stop token. Returns (tokens, stopped). A str prompt is plain text: the tokenizer's own encoding."""
+    if isinstance(messages, str):
+        ids = tokenizer(messages)["input_ids"]
+    else:
+        ids = template_ids(tokenizer, messages, add_generation_prompt=True)
     stops = [tokenizer.eos_token_id, tokenizer.get_vocab()["<end_of_turn>"]]
     with torch.no_grad():
         output = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
@@ -331,6 +362,27 @@ def test_greedy_batches_match_one_prompt_at_a_time(model_a, tokenizer):
     expected_fixed = [generate_alone(model_a, stopping, p, fixed, min_new_tokens=fixed)[0] for p in prompts]
     assert [c.tokens for c in stopped.fixed] == expected_fixed
     assert all(len(c.tokens) == fixed and not c.stopped for c in stopped.fixed)
+
+
+def test_plain_text_prompts_are_continued_with_no_chat_template(model_a, tokenizer, tmp_path):
+    """{"text"} rows of --prompts (a base model's prompts, beside chat rows): generation continues the tokenizer's
+    plain encoding of the text, its BOS included, with no chat template around it."""
+    with_bos = copy.deepcopy(tokenizer)  # a tokenizer that adds a BOS, as Gemma's does
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", with_bos.bos_token_id)])
+    chat = [{"role": "user", "content": "w5 w6 w7"}]
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"text": "w5 w6 w7"}, {"text": "w8 w9", "work": "x"},
+                                                    {"messages": chat}])
+    prompts = load_prompts(path)
+    assert prompts == ["w5 w6 w7", "w8 w9", chat]
+    vocab = with_bos.get_vocab()
+    assert prompt_ids(with_bos, prompts[0]) == [vocab["<bos>"], vocab["w5"], vocab["w6"], vocab["w7"]]
+    assert prompt_ids(with_bos, chat) == template_ids(with_bos, chat, add_generation_prompt=True)
+    generated = greedy_continuations(model_a, with_bos, prompts, 6, 0, batch_size=3)
+    assert [(c.tokens, c.stopped) for c in generated.natural] == [generate_alone(model_a, with_bos, p, 6)
+                                                                  for p in prompts]
+    # The same words as a chat prompt are another input, so (here) another continuation.
+    assert generated.natural[0].tokens != generated.natural[2].tokens
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,10 @@ import pytest
 import yaml
 
 from demo import study, study_report
-from demo.run import wants_study
+from demo.run import STUDY_PRESETS, study_preset
 from heal.config import load_config
+
+from .conftest import run_stack
 
 MACHINE = {"processor": "x86_64", "cpu_count": 2, "torch_threads": 2, "torch": "2.13.0", "load_average_15min": 1.0}
 DATA_HASHES = {"instruct_train.jsonl": "aa", "prompts.jsonl": "bb"}
@@ -26,8 +28,10 @@ def config():
     return study.load_study()
 
 
-def test_the_study_recipe_loads_and_every_run_is_a_valid_heal(config, tmp_path):
+@pytest.mark.parametrize("preset", sorted(STUDY_PRESETS))
+def test_every_study_recipe_loads_and_every_run_is_a_valid_heal(preset, tmp_path):
     """Each run's heal recipe (recipes/demo/heal.yaml + the study's budget + the arm) passes heal.config as is."""
+    config = study.load_study(STUDY_PRESETS[preset])
     assert config.runs and all(run.arm in config.arms for run in config.runs)
     names = [run.name for run in config.runs]
     assert len(names) == len(set(names)), "two runs would write the same result file"
@@ -118,11 +122,112 @@ def test_every_stage_folder_is_named_by_what_shapes_it(config, tmp_path):
     assert "stack" in study.heal_key(config, run, DATA_HASHES) and "stack" in study.baseline_key(config, DATA_HASHES)
 
 
-def test_preset_study_is_routed_to_the_study():
-    assert wants_study(["--preset", "study", "--report"])
-    assert wants_study(["--preset=study"])
-    assert not wants_study(["--preset", "full"])
-    assert not wants_study(["--workdir", "study"])
+def test_the_study_presets_are_routed_to_their_study():
+    assert study_preset(["--preset", "study", "--report"]) == "study"
+    assert study_preset(["--preset=study"]) == "study"
+    assert study_preset(["--budget-minutes", "0", "--preset", "gemma3"]) == "gemma3"
+    assert study_preset(["--preset=gemma3"]) == "gemma3"
+    assert study_preset(["--preset", "full"]) is None
+    assert study_preset(["--workdir", "study"]) is None
+
+
+def test_the_smollm2_studys_stored_results_keep_their_keys(config):
+    """Every result stored in docs/study (runs/ and instructions/) is current: its key, recomputed from
+    recipes/demo/study.yaml with the data hashes it recorded, is the stored key and has the stored hash. A change to
+    a key dict (a new entry, even a default one; a renamed field) would re-run every stored run."""
+    runs = {run.name: run for run in config.runs}
+    results_dir = study.REPO / config.results_dir
+    stored = {path: json.loads(path.read_text()) for folder in ("runs", "instructions")
+              for path in sorted((results_dir / folder).glob("*.json"))}
+    assert {path.parent.name for path in stored} == {"runs", "instructions"}
+    for path, result in stored.items():
+        data, run = result["key"]["data"], runs.get(path.stem)
+        if path.parent.name == "instructions":
+            key = study.instructions_key(config, run, data)
+        else:
+            key = study.baseline_key(config, data) if path.stem == "baseline" else study.run_key(config, run, data)
+        assert key == result["key"], path
+        assert study.key_hash(key) == result["key_hash"], path
+
+
+# ---- the gemma3 study: a base model, healed by continued pretraining ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return study.load_study(STUDY_PRESETS["gemma3"])
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda raw: raw.update(prompt_words=24), "prompt_words"),
+    (lambda raw: raw.update(plain_text={"words": 24}), "plain_text"),
+    (lambda raw: raw.update(source="gemma-2b"), "gemma-2b"),
+    (lambda raw: raw.update(stack_recipe="nosuch.yaml"), "nosuch.yaml"),
+    (lambda raw: raw["arms"]["sft"].update(data="web"), "'web'"),
+    (lambda raw: raw.pop("num_train_prompts"), "num_train_prompts"),
+])
+def test_a_bad_gemma3_recipe_is_refused_naming_the_key(tmp_path, edit, named):
+    raw = yaml.safe_load(STUDY_PRESETS["gemma3"].read_text())
+    edit(raw)
+    path = tmp_path / "gemma3.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(study.StudyConfigError, match=named):
+        study.load_study(path)
+
+
+def test_the_gemma3_stack_recipe_ends_on_a_full_attention_layer(gemma3, tmp_path):
+    """recipes/demo/gemma3-stack.yaml on an 18-layer gemma3_text of Gemma-3-270M's layer pattern (sliding x5, full)
+    x3: the stacker, which requires the last layer to be full attention, accepts it; 26 layers."""
+    from stack.tiny import save_tiny_decoder
+
+    source = save_tiny_decoder(tmp_path / "source", "gemma3_text", num_hidden_layers=18)
+    layer_types = json.loads((source / "config.json").read_text())["layer_types"]
+    assert [i for i, kind in enumerate(layer_types) if kind == "full_attention"] == [5, 11, 17]
+    assert run_stack(study.RECIPES / gemma3.stack_recipe, source, tmp_path / "raw") == 0
+    assert json.loads((tmp_path / "raw" / "config.json").read_text())["num_hidden_layers"] == 26
+
+
+def _data_folder(space: study.Workspace, passages: list[str]) -> None:
+    space.data.mkdir(parents=True)
+    for name in ("text_train.jsonl", "text_heldout.jsonl"):
+        (space.data / name).write_text("".join(json.dumps({"text": text, "work": "w"}) + "\n" for text in passages))
+    space.data_hashes = {"text_heldout.jsonl": "ab" * 32}
+
+
+def test_the_gemma3_runs_train_on_text_and_are_evaluated_as_a_base_model(gemma3, config, tmp_path):
+    """CPT rows are the first num_train_prompts passages; the loops continue passage openings as plain text, the KL
+    is on the held-out text, and the lm-eval tasks' folder is passed. The SmolLM2 study keeps its chat inputs."""
+    space = study.Workspace(tmp_path / "gemma3", gemma3, tmp_path / "cache")
+    passages = [f"passage {i}, first line\nand its second line" for i in range(gemma3.num_train_prompts + 5)]
+    _data_folder(space, passages)
+    assert all(arm.data == "text" for arm in gemma3.arms.values()) and gemma3.instruction_following is None
+    train = space.train_data("text").read_text().splitlines()
+    assert [json.loads(row)["text"] for row in train] == passages[:gemma3.num_train_prompts]
+    inputs = [str(flag) for flag in space.evaluation_inputs()]
+    assert inputs[inputs.index("--instruct") + 1] == inputs[inputs.index("--text") + 1] == str(
+        space.data / "text_heldout.jsonl")
+    assert inputs[inputs.index("--tasks-dir") + 1] == str(space.data / "lm_eval_tasks")
+    prompts = [json.loads(row) for row in Path(inputs[inputs.index("--prompts") + 1]).read_text().splitlines()]
+    assert prompts[0] == {"text": passages[-1]} and len(prompts) == len(passages)  # under prompt_words: whole
+    chat = study.Workspace(tmp_path / "study", config, tmp_path / "cache")
+    assert [str(flag) for flag in chat.evaluation_inputs()] == [
+        "--prompts", str(chat.data / "prompts.jsonl"), "--instruct", str(chat.data / "instruct_heldout.jsonl"),
+        "--text", str(chat.data / "text_heldout.jsonl")]
+
+
+def test_a_passage_opening_is_its_first_words_with_its_line_breaks():
+    openings = study.passage_openings(["one two\nthree four five", "a b"], words=3)
+    assert openings == [{"text": "a b"}, {"text": "one two\nthree"}]  # the last passage first
+
+
+def test_the_plain_text_prompts_shape_the_gemma3_results_keys(gemma3):
+    """plain_text is in the evaluation's keys (the baseline's and a run's), not in the heal's."""
+    run = gemma3.runs[0]
+    other = dataclasses.replace(gemma3, plain_text={"prompt_words": 12})
+    assert study.baseline_key(other, DATA_HASHES) != study.baseline_key(gemma3, DATA_HASHES)
+    assert study.run_key(other, run, DATA_HASHES) != study.run_key(gemma3, run, DATA_HASHES)
+    assert study.heal_key(other, run, DATA_HASHES) == study.heal_key(gemma3, run, DATA_HASHES)
+    assert study.heal_key(gemma3, run, DATA_HASHES)["source"] == "gemma-3-270m"
 
 
 # ---- the report, from hand-made results with known values -------------------------------------------------
@@ -203,6 +308,35 @@ def test_the_report_states_the_stored_numbers_and_the_targets(config, tmp_path):
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     points = study_report.arm_points(study_report.load_results(tmp_path)[1])
     assert points["sft"][1]["tokens"] == 100_000 and math.isclose(points["sft"][1]["minutes"], 10.0)
+
+
+def test_the_report_tables_the_lm_eval_tasks_and_the_peak_memory(gemma3, tmp_path, monkeypatch):
+    """A task's accuracy per model and step (seed-mean per document) and its paired difference from the source; the
+    peak RSS of each stage a result records. A study without tasks (the SmolLM2 one) has no task section."""
+    monkeypatch.setattr(study_report, "plot_curves", lambda *args: None)
+    monkeypatch.setattr(study_report, "plot_pareto", lambda *args: None)
+    task = "verse_next_line/acc"
+    source, raw = _items(0.1, 0.0, 3.0), _items(0.4, 1.0, 4.0)
+    source[task], raw[task] = [1.0, 1.0, 0.0, 0.0] * 2, [0.0] * 8
+    baseline = {"name": "baseline", "wall_seconds": {"evaluate": 30.0}, "machine": MACHINE,
+                "peak_rss_mib": {"convert": 3200, "stack": 410, "evaluate": 2900},
+                "evaluation": _evaluation({"source": source, "raw": raw})}
+    study.write_result(tmp_path / "runs", "baseline", baseline)
+    for seed, hits in ((0, [1.0] * 8), (1, [0.0] * 8)):  # seed-mean: 0.5 on every document
+        run = {**_run("sft", seed, {25: {**_items(0.2, 0.3, 3.5), task: hits}}),
+               "peak_rss_mib": {"heal": 3500, "evaluate": None}}
+        study.write_result(tmp_path / "runs", f"sft-s{seed}", run)
+    text = study_report.write_study_report(gemma3, tmp_path, "gemma3").read_text()
+    assert text.startswith(f"# {gemma3.title} (generated by `python -m demo --preset gemma3 --report`")
+    lines = text[text.index("## lm-eval tasks"):].splitlines()
+    assert next(line for line in lines if line.startswith("| source | – |")).endswith("| 0.500 [0.125, 0.875] | – |")
+    raw_row = next(line for line in lines if line.startswith("| raw | 0 |"))
+    assert "| 0.000 [0.000, 0.000] | **-0.500 [" in raw_row
+    assert next(line for line in lines if line.startswith("| sft (seeds 0,1) | 25 |")).endswith(
+        "| 0.500 [0.500, 0.500] | 0.000 [-0.375, 0.375] |")
+    assert "| convert 3200, stack 410, evaluate 2900 |" in text and "| heal 3500, evaluate – |" in text
+    baseline["evaluation"] = _evaluation({"source": _items(0.1, 0.0, 3.0), "raw": _items(0.4, 1.0, 4.0)})
+    assert study_report._task_table(baseline, []) == []
 
 
 def test_paired_difference_of_an_arm_with_itself_contains_zero():
