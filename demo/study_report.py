@@ -62,9 +62,18 @@ def step_of(model_name: str) -> int:
 
 
 def tokens_at(train_log: list[dict], step: int) -> float:
-    """Training tokens seen by `step` (TRL logs the running count as num_tokens every logging_steps)."""
-    seen = [entry["num_tokens"] for entry in train_log if "num_tokens" in entry and entry["step"] <= step]
-    return seen[-1] if seen else math.nan
+    """Training tokens seen by `step` (TRL logs the running count as num_tokens every logging_steps). Before
+    HealTrainer restored the count on resume, a resumed heal's count restarted from 0 at its checkpoint: a drop is
+    read as such a restart, and the count before it carried on."""
+    offset, previous, seen = 0.0, 0.0, math.nan
+    for entry in train_log:
+        if "num_tokens" not in entry or entry["step"] > step:
+            continue
+        if entry["num_tokens"] < previous:
+            offset += previous
+        previous = entry["num_tokens"]
+        seen = offset + previous
+    return seen
 
 
 def seed_mean_items(runs: list[dict], model: str, metric: str) -> np.ndarray:

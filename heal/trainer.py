@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from heal.ewc import FisherPenalty
@@ -26,6 +27,7 @@ class HealTrainer(SFTTrainer):
         super().__init__(**sft_trainer_kwargs)
         self.protection = protection
         self.penalty = penalty
+        self.add_callback(_ResumedTokenCount(self))
         if penalty is not None:
             penalty.attach(self.model)
         if protection is not None:
@@ -73,3 +75,19 @@ class HealTrainer(SFTTrainer):
         for finisher in (self.protection, self.penalty):
             if finisher is not None and self.args.should_save:
                 finisher.finish_saved_folder(Path(output_dir or self.args.output_dir))
+
+
+class _ResumedTokenCount(TrainerCallback):
+    """TRL counts the logged `num_tokens` in the trainer object (SFTTrainer._total_train_tokens, from 0), not in the
+    saved state: a resumed heal would log the tokens since the resume as if they were all. At the start of training,
+    after the Trainer has loaded the checkpoint's state (every ZeRO stage alike), the count restarts from the last
+    logged value: exact when the checkpoint's step is a logging step (the study saves at multiples of logging_steps),
+    else short by the tokens of the steps between that log and the checkpoint."""
+
+    def __init__(self, trainer: SFTTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        logged = [entry["num_tokens"] for entry in state.log_history if "num_tokens" in entry]
+        if logged:
+            self.trainer._total_train_tokens = logged[-1]

@@ -302,3 +302,6 @@ def test_a_rerun_resumes_from_the_last_checkpoint(checkpointed, tmp_path, tiny_e
     assert "resuming from" in caplog.text and "checkpoint-4" in caplog.text
     state = json.loads((tmp_path / "o" / "trainer_state.json").read_text())
     assert state["global_step"] == 5 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5]
+    # The token count carries on from the checkpoint's (TRL keeps it outside the saved state: HealTrainer restores it)
+    tokens = [e["num_tokens"] for e in state["log_history"] if "num_tokens" in e]
+    assert len(tokens) == 5 and tokens == sorted(tokens) and tokens[4] - tokens[3] <= tokens[3] / 2, tokens

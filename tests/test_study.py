@@ -572,3 +572,12 @@ def test_answer_settings_become_the_answers_flags(config):
     for settings in config.answers.values():  # every YAML key is a flag python -m heal.answers accepts
         flags = [str(flag) for flag in study.cli_flags(settings)]
         make_parser().parse(["--model", "m", "--data", "d", "--out", "o", *flags])
+
+
+def test_tokens_at_carries_the_count_over_a_resumed_heals_restart():
+    steady = [{"step": s, "num_tokens": 100 * s} for s in (5, 10, 15, 20)]
+    # resumed from checkpoint-10: TRL's count restarted from 0 there (the 15 and 20 entries are the new process's)
+    resumed = steady[:2] + [{"step": 15, "num_tokens": 500}, {"step": 20, "num_tokens": 1000}]
+    for log in (steady, resumed):
+        assert [study_report.tokens_at(log, s) for s in (5, 10, 15, 20)] == [500, 1000, 1500, 2000]
+    assert math.isnan(study_report.tokens_at(steady, 4))
