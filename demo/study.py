@@ -224,6 +224,11 @@ def instructions_key(config: StudyConfig, run: Run | None, data_hashes: dict[str
     return key
 
 
+def raw_instructions_key(config: StudyConfig, data_hashes: dict[str, str]) -> dict:
+    """The raw stack's instruction-following: the source's key and the stack recipe."""
+    return {**instructions_key(config, None, data_hashes), "stack": _stack_recipe(config)}
+
+
 def answers_key(config: StudyConfig, kind: str, data_hashes: dict[str, str]) -> dict:
     return {"source": config.source, "data": data_hashes, "num_train_prompts": config.num_train_prompts,
             "answers": config.answers[kind]}
@@ -461,10 +466,11 @@ def heal(space: Workspace, run: Run) -> Path:
     return output_dir
 
 
-def run_instructions(space: Workspace, run: Run | None, key: dict) -> dict:
-    """Instruction-following of the source (run None) or of a run's checkpoints at its instruction steps."""
-    if run is None:
-        name, models = "source", {"source": space.source}
+def run_instructions(space: Workspace, run: Run | str, key: dict) -> dict:
+    """Instruction-following of the source or the raw stack (run "source" or "raw") or of a run's checkpoints at
+    its instruction steps."""
+    if run in ("source", "raw"):
+        name, models = run, {run: space.source if run == "source" else space.raw}
     else:
         name, heal_dir = run.name, heal(space, run)
         models = {f"step{s}": heal_dir / f"checkpoint-{s}" for s in instruction_steps_of(space.config, run.arm)}
@@ -524,7 +530,9 @@ def run_study(config: StudyConfig, workdir: Path, budget_minutes: float, cache_d
     todo = [("runs", "baseline", baseline_key(config, data_hashes), lambda key: run_baseline(space, key))]
     if scores_instructions:
         todo.append(("instructions", "source", instructions_key(config, None, data_hashes),
-                     lambda key: run_instructions(space, None, key)))
+                     lambda key: run_instructions(space, "source", key)))
+        todo.append(("instructions", "raw", raw_instructions_key(config, data_hashes),
+                     lambda key: run_instructions(space, "raw", key)))
     for run in config.runs:
         todo.append(("runs", run.name, run_key(config, run, data_hashes),
                      lambda key, run=run: run_one(space, run, key)))

@@ -340,6 +340,11 @@ def _instruction_table(config, results: dict[str, dict]) -> list[str]:
              "| model | step | " + " | ".join(labels) + " |", "|" + "---|" * (2 + len(labels))]
     cells = " | ".join(interval(source[m], m).format() for m in IF_METRICS)
     lines.append(f"| source | – | {cells} |" + " |" * len(IF_METRICS))
+    if "raw" in results:  # the raw stack: what the stacking lost before any heal
+        raw = {m: np.array(results["raw"]["evaluation"]["models"]["raw"]["items"][m], dtype=float) for m in IF_METRICS}
+        scores = [interval(raw[m], m).format() for m in IF_METRICS]
+        diffs = [_bold_if_measured(paired(raw[m], source[m], m)) for m in IF_METRICS]
+        lines.append(f"| raw | 0 | {' | '.join(scores)} | {' | '.join(diffs)} |")
     by_arm: dict[str, list[dict]] = defaultdict(list)
     for run in config.runs:
         if run.name in results:

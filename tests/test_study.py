@@ -269,6 +269,17 @@ def test_instruction_following_is_reported_against_the_source_on_the_same_prompt
     sft_row = next(line for line in lines if line.startswith("| sft (seeds 0) | 200 |"))
     assert "0.500 [" in source_row and "0.750 [" in source_row  # 8/16 prompts; 24 of 32 instructions
     assert "0.000 [0.000, 0.000]" in sft_row and "**-0.500 [" in sft_row and "**-0.250 [" in sft_row
+    assert not any(line.startswith("| raw |") for line in lines)
+    # The raw stack's row, when its result is stored: paired with the source like a run's (it passes a quarter of the prompts)
+    study.write_result(tmp_path / "instructions", "raw",
+                       _instructions("raw", "raw", [1.0, 0.0, 0.0, 0.0] * 4, [2, 1, 1, 1] * 4))
+    lines = study_report._instruction_table(config, study_report.load_instructions(tmp_path))
+    raw_row = next(line for line in lines if line.startswith("| raw | 0 |"))
+    assert "0.250 [" in raw_row and "**-0.250 [" in raw_row
+    # The raw stack's key is the source's plus the stack recipe: a changed stack re-scores it, the source stays.
+    raw_key, source_key = study.raw_instructions_key(config, DATA_HASHES), study.instructions_key(config, None,
+                                                                                                   DATA_HASHES)
+    assert {k: v for k, v in raw_key.items() if k != "stack"} == source_key and raw_key["stack"]
     # An arm that stops before the instruction steps is scored at its last evaluated step.
     assert study.instruction_steps_of(config, "onpolicy") == [study.steps_of(config, "onpolicy")[-1]]
     assert study.instruction_steps_of(config, "sft") == list(config.instruction_following["steps"])
