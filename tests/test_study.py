@@ -270,7 +270,7 @@ def test_instruction_following_is_reported_against_the_source_on_the_same_prompt
     assert "0.500 [" in source_row and "0.750 [" in source_row  # 8/16 prompts; 24 of 32 instructions
     assert "0.000 [0.000, 0.000]" in sft_row and "**-0.500 [" in sft_row and "**-0.250 [" in sft_row
     assert not any(line.startswith("| raw |") for line in lines)
-    # The raw stack's row, when its result is stored: paired with the source like a run's (it passes a quarter of the prompts)
+    # The raw stack's row, when stored: paired with the source like a run's (it passes a quarter of the prompts)
     study.write_result(tmp_path / "instructions", "raw",
                        _instructions("raw", "raw", [1.0, 0.0, 0.0, 0.0] * 4, [2, 1, 1, 1] * 4))
     lines = study_report._instruction_table(config, study_report.load_instructions(tmp_path))
