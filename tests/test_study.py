@@ -143,7 +143,8 @@ def test_the_smollm2_studys_stored_results_keep_their_keys(config):
     for path, result in stored.items():
         data, run = result["key"]["data"], runs.get(path.stem)
         if path.parent.name == "instructions":
-            key = study.instructions_key(config, run, data)
+            raw = path.stem == "raw"
+            key = study.raw_instructions_key(config, data) if raw else study.instructions_key(config, run, data)
         else:
             key = study.baseline_key(config, data) if path.stem == "baseline" else study.run_key(config, run, data)
         assert key == result["key"], path
