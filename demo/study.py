@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from core.cli import setup_logging
+from core.files import read_jsonl
 from core.outputs import mark_output_dir, write_file_atomic
 from demo.run import RECIPES, REPO, SOURCE_NAME, STUDY_PRESETS, _run, _write_recipe
 
@@ -395,8 +396,7 @@ class Workspace:
         words = self.config.plain_text["prompt_words"]
         path = self.workdir / f"openings-{words}-{self.data_hashes['text_heldout.jsonl'][:16]}.jsonl"
         if not path.is_file():
-            lines = (self.data / "text_heldout.jsonl").read_text().splitlines()
-            passages = [json.loads(line)["text"] for line in lines]
+            passages = [row["text"] for row in read_jsonl(self.data / "text_heldout.jsonl")]
             write_file_atomic(path, "".join(json.dumps(row) + "\n" for row in passage_openings(passages, words)))
         return path
 

@@ -228,11 +228,16 @@ class EqualQuality:
     undefined_share: float
 
     @property
-    def verdict(self) -> str:
+    def measured(self) -> bool:
+        """Whether the interval is defined and excludes 0."""
         interval = self.kl_difference
-        if not (math.isfinite(interval.low) and math.isfinite(interval.high)) or interval.contains(0.0):
+        return math.isfinite(interval.low) and math.isfinite(interval.high) and interval.excludes_zero
+
+    @property
+    def verdict(self) -> str:
+        if not self.measured:
             return "no difference measured"
-        return "lower KL at equal loops" if interval.high < 0 else "higher KL at equal loops"
+        return "lower KL at equal loops" if self.kl_difference.high < 0 else "higher KL at equal loops"
 
 
 def compare_at_equal_quality(curve_a: dict[str, list[np.ndarray]], curve_b: dict[str, list[np.ndarray]], *,
@@ -400,7 +405,7 @@ def _equal_quality_lines(pairs: list[tuple[str, str]], points: dict[str, list[di
         difference = result.kl_difference.format()
         lines.append(f"| {arm} | {against} | {result.level:.3g} | {result.a[kl]:.3g} | {result.b[kl]:.3g} | "
                      f"{result.a[perplexity]:.3g} | {result.b[perplexity]:.3g} | "
-                     f"{f'**{difference}**' if result.verdict != 'no difference measured' else difference} | "
+                     f"{f'**{difference}**' if result.measured else difference} | "
                      f"{result.undefined_share:.0%} |")
         verdicts.append(f"- {arm} against {against}: **{result.verdict}** (KL {difference} at loop rate "
                         f"{result.level:.3g}).")
