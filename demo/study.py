@@ -372,12 +372,9 @@ class Workspace:
             **{"num_examples": None, **self.config.heal, **arm.heal, "seed": run.seed, **overrides})
 
     def evaluate(self, models: dict[str, Path], out: Path) -> dict:
-        if not (out / "eval.json").is_file():
-            self.run_stage(out, "-m", "evaluation",
-                           *[f for name, path in models.items() for f in ("--model", f"{name}={path}")],
-                           "--reference", "source", *self.evaluation_inputs(), *self.config.evaluation,
-                           "--out", out, "--force")
-        return json.loads((out / "eval.json").read_text())
+        """The curves' metrics (loops, KL to the source, perplexity) of `models`, into out/eval.json."""
+        return self._evaluation(models, out, "--reference", "source", *self.evaluation_inputs(),
+                                *self.config.evaluation)
 
     def evaluation_inputs(self) -> list:
         """--prompts, --instruct (the KL's rows) and --text: a chat model's held-out prompts and conversations, or
@@ -402,11 +399,15 @@ class Workspace:
 
     def evaluate_instructions(self, models: dict[str, Path], out: Path) -> dict:
         """IFEval's checkers on data/if_prompts.jsonl (no reference: the per-prompt scores pair across results)."""
+        return self._evaluation(models, out, "--instructions", self.data / "if_prompts.jsonl",
+                                *self.config.instruction_following["evaluation"])
+
+    def _evaluation(self, models: dict[str, Path], out: Path, *flags) -> dict:
+        """`python -m evaluation` on `models` with `flags` into out/, unless out/eval.json exists; its eval.json."""
         if not (out / "eval.json").is_file():
             self.run_stage(out, "-m", "evaluation",
                            *[f for name, path in models.items() for f in ("--model", f"{name}={path}")],
-                           "--instructions", self.data / "if_prompts.jsonl",
-                           *self.config.instruction_following["evaluation"], "--out", out, "--force")
+                           *flags, "--out", out, "--force")
         return json.loads((out / "eval.json").read_text())
 
 

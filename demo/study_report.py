@@ -354,14 +354,31 @@ def _instruction_table(config, results: dict[str, dict]) -> list[str]:
     for run in config.runs:
         if run.name in results:
             by_arm[run.arm].append(results[run.name])
+    arm_items: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # (arm, step) -> metric -> seed-mean items
     for arm, arm_results in by_arm.items():
         for model in sorted(arm_results[0]["evaluation"]["models"], key=step_of):
             items = {m: np.mean([np.array(r["evaluation"]["models"][model]["items"][m], dtype=float)
                                  for r in arm_results], axis=0) for m in IF_METRICS}
+            arm_items[arm, step_of(model)] = items
             scores = [interval(items[m], m).format() for m in IF_METRICS]
             diffs = [_bold_if_measured(paired(items[m], source[m], m)) for m in IF_METRICS]
             seeds = ",".join(str(r["key"]["heal"]["heal"]["seed"]) for r in arm_results)
             lines.append(f"| {arm} (seeds {seeds}) | {step_of(model)} | {' | '.join(scores)} | {' | '.join(diffs)} |")
+    return lines + _instruction_differences(arm_items, BEST_ARM)
+
+
+def _instruction_differences(arm_items: dict[tuple[str, int], dict[str, np.ndarray]], comparator: str) -> list[str]:
+    """Every other arm's IFEval scores minus the comparator's at the same step, paired over the same prompts."""
+    pairs = [(arm, step) for arm, step in arm_items if arm != comparator and (comparator, step) in arm_items]
+    if not pairs:
+        return []
+    lines = ["", f"Paired differences, arm − {comparator} at the same step (bold where the interval excludes 0):", "",
+             "| arm | step | " + " | ".join(IF_METRICS[m][0] for m in IF_METRICS) + " |",
+             "|" + "---|" * (2 + len(IF_METRICS))]
+    for arm, step in pairs:
+        diffs = [_bold_if_measured(paired(arm_items[arm, step][m], arm_items[comparator, step][m], m))
+                 for m in IF_METRICS]
+        lines.append(f"| {arm} | {step} | {' | '.join(diffs)} |")
     return lines
 
 
@@ -516,6 +533,8 @@ def write_study_report(config, results_dir: Path, preset: str = "study") -> Path
         *_differences_from_source(points, refs["source"]),
         "",
         *_differences(points, "sft"),
+        "",
+        *_differences(points, BEST_ARM),
         "",
         *_protection_section(points, refs["raw"], runs, instructions),
         *_arms_section(points, refs["raw"]),

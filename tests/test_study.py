@@ -258,6 +258,23 @@ def _instructions(name: str, model: str, strict: list[float], followed: list[int
     return {"name": name, "key": key, "evaluation": _evaluation({model: items})}
 
 
+def test_instruction_following_of_each_arm_is_paired_with_the_best_arms_at_the_same_step(config, tmp_path):
+    """arm − self-distill per prompt at a step both have; an arm without self-distill at that step gets no row."""
+    write = study.write_result
+    write(tmp_path / "instructions", "source", _instructions("source", "source", [1.0] * 16, [2] * 16))
+    write(tmp_path / "instructions", "self-distill-s0",
+          _instructions("self-distill-s0", "step200", [1.0, 0.0] * 8, [2, 1] * 8, heal_seed=0))
+    write(tmp_path / "instructions", "sft-s0", _instructions("sft-s0", "step200", [1.0] * 16, [2] * 16, heal_seed=0))
+    write(tmp_path / "instructions", "distill-s0",
+          _instructions("distill-s0", "step100", [1.0] * 16, [2] * 16, heal_seed=0))
+    lines = study_report._instruction_table(config, study_report.load_instructions(tmp_path))
+    title = next(i for i, line in enumerate(lines) if line.startswith("Paired differences, arm − self-distill"))
+    rows = [line for line in lines[title:] if line.startswith("| ") and not line.startswith("| arm")]
+    assert len(rows) == 1 and rows[0].startswith("| sft | 200 |"), rows
+    # sft passes every prompt, self-distill half of them: +0.5 prompt-level, +0.25 instruction-level, both measured.
+    assert "**0.500 [" in rows[0] and "**0.250 [" in rows[0], rows[0]
+
+
 def test_instruction_following_is_reported_against_the_source_on_the_same_prompts(config, tmp_path):
     """The source once, each run at its instruction steps; the paired difference is per prompt (here the arm fails
     exactly the prompts the source passes: -0.5 with no spread in the resamples' sign)."""
