@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import time
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -155,12 +156,14 @@ def _run_entry(path: Path, entry: dict, arms: dict[str, Arm]) -> Run:
 
 
 def _check_steps(path: Path, config: StudyConfig) -> None:
-    save, last = config.heal.get("save_steps"), config.heal.get("max_steps")
+    save = config.heal.get("save_steps")
+    last = max(max_steps_of(config, arm) for arm in config.arms)
     instruction_steps = config.instruction_following["steps"] if config.instruction_following else ()
     bad = [step for step in (*config.eval_steps, *instruction_steps) if not save or step % save or step > last]
     if bad:
         raise StudyConfigError(f"{path}: eval_steps or instruction_following steps {bad} are not multiples of "
-                               f"heal.save_steps ({save}) up to heal.max_steps ({last}): no checkpoint is there")
+                               f"heal.save_steps ({save}) up to the longest arm's max_steps ({last}): no checkpoint "
+                               "is there")
     for arm in config.arms.values():
         if not steps_of(config, arm.name):
             raise StudyConfigError(f"{path}: arm {arm.name!r} stops at max_steps {arm.heal['max_steps']}, before "
@@ -170,16 +173,21 @@ def _check_steps(path: Path, config: StudyConfig) -> None:
             raise StudyConfigError(f"{path}: an arm trains on {kind!r} answers, but `answers` has no {kind!r} entry")
 
 
+def max_steps_of(config: StudyConfig, arm: str) -> int:
+    """An arm's budget: the study's max_steps, or the arm's own (a costly on-policy arm stops early, a curve
+    followed until it flattens goes further)."""
+    return config.arms[arm].heal.get("max_steps", config.heal["max_steps"])
+
+
 def steps_of(config: StudyConfig, arm: str) -> list[int]:
-    """The eval_steps an arm reaches: an arm may stop early (its own max_steps, e.g. a costly on-policy arm)."""
-    last = config.arms[arm].heal.get("max_steps", config.heal["max_steps"])
-    return [step for step in config.eval_steps if step <= last]
+    """The eval_steps an arm reaches."""
+    return [step for step in config.eval_steps if step <= max_steps_of(config, arm)]
 
 
 def instruction_steps_of(config: StudyConfig, arm: str) -> list[int]:
-    """The instruction_following steps an arm reaches; an arm that stops before all of them: its last eval step."""
+    """The instruction_following steps an arm reaches, and its last eval step (where its curve ends)."""
     last = steps_of(config, arm)[-1]
-    return [step for step in config.instruction_following["steps"] if step <= last] or [last]
+    return sorted({step for step in config.instruction_following["steps"] if step <= last} | {last})
 
 
 # ---- what a result is keyed by ------------------------------------------------------------------------------
@@ -202,7 +210,7 @@ def run_key(config: StudyConfig, run: Run, data_hashes: dict[str, str]) -> dict:
     """Everything that shapes a run's result: the heal's key, the evaluation flags and steps. Its hash decides
     whether a stored result is current, and names the run's evaluation folder."""
     return {**heal_key(config, run, data_hashes), "evaluation": list(config.evaluation),
-            "eval_steps": list(config.eval_steps), **_evaluation_inputs_key(config)}
+            "eval_steps": steps_of(config, run.arm), **_evaluation_inputs_key(config)}
 
 
 def baseline_key(config: StudyConfig, data_hashes: dict[str, str]) -> dict:
@@ -444,8 +452,6 @@ def cli_flags(settings: dict) -> list:
 def run_one(space: Workspace, run: Run, key: dict) -> dict:
     """Heal, then evaluate the source and every checkpoint of eval_steps."""
     output_dir = heal(space, run)
-    # The Trainer's own clock (train_results.json): the same whether the heal ran now or in an earlier part.
-    heal_seconds = json.loads((output_dir / "train_results.json").read_text())["train_runtime"]
     steps = steps_of(space.config, run.arm)
     models = {"source": space.source, **{f"step{s}": output_dir / f"checkpoint-{s}" for s in steps}}
     start = time.monotonic()
@@ -453,18 +459,71 @@ def run_one(space: Workspace, run: Run, key: dict) -> dict:
     evaluation = space.evaluate(models, evaluation_dir)
     return {"name": run.name, "arm": run.arm, "seed": run.seed, "key_hash": key_hash(key), "key": key,
             "description": space.config.arms[run.arm].description, "machine": machine(),
-            "wall_seconds": {"heal": round(heal_seconds, 1), "evaluate": round(time.monotonic() - start, 1)},
+            "wall_seconds": {"heal": round(heal_seconds(output_dir), 1),
+                             "evaluate": round(time.monotonic() - start, 1)},
             "peak_rss_mib": {"heal": peak_rss(output_dir), "evaluate": peak_rss(evaluation_dir)},
             "train_log": json.loads((output_dir / "trainer_state.json").read_text())["log_history"],
             "evaluation": slim(evaluation, keep_texts_of=f"step{steps[-1]}")}
 
 
 def heal(space: Workspace, run: Run) -> Path:
-    """The run's heal folder, healed first unless it is complete (an interrupted heal resumes from its checkpoint)."""
+    """The run's heal folder, healed first unless it is complete (an interrupted heal resumes from its checkpoint;
+    a run that continues a shorter run's curve starts from that run's checkpoints)."""
     output_dir = space.keyed(f"runs/{run.name}", heal_key(space.config, run, space.data_hashes))
     if not (output_dir / "trainer_state.json").is_file():
+        extend_from_shorter_run(space, run, output_dir)
         space.run_stage(output_dir, REPO / "heal" / "train.py", space.heal_recipe(run, output_dir))
     return output_dir
+
+
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+EXTENDED_FROM = "extended_from.json"  # in a run's heal folder: the shorter run whose checkpoints it started from
+
+
+def shorter_run(space: Workspace, run: Run) -> Path | None:
+    """The finished heal folder of the longest run whose heal is this one's with a smaller max_steps (another arm's
+    budget, or the study's), under a constant learning rate. Its checkpoints are this run's own first steps: with a
+    constant rate, the adapter at step N does not depend on max_steps (the data order, the RNG and the rate do not;
+    tests/test_heal.py resumes a heal to more steps and gets the longer heal bit for bit)."""
+    key = heal_key(space.config, run, space.data_hashes)
+    if key["heal"]["lr_scheduler_type"] not in CONSTANT_SCHEDULES:
+        return None
+    budgets = {max_steps_of(space.config, arm) for arm in space.config.arms}
+    for steps in sorted((b for b in budgets if b < key["heal"]["max_steps"]), reverse=True):
+        shorter = key_hash({**key, "heal": {**key["heal"], "max_steps": steps}})
+        done = [d for d in sorted(space.workdir.glob(f"runs/*-{shorter}")) if (d / "trainer_state.json").is_file()]
+        if done:
+            return done[0]
+    return None
+
+
+def extend_from_shorter_run(space: Workspace, run: Run, output_dir: Path) -> None:
+    """Hard-link the shorter run's checkpoints into a run's empty heal folder, so that the heal resumes from its last
+    one. Each checkpoint is linked in a staging folder, then moved in whole: an interruption leaves complete
+    checkpoints only, and a heal folder that has any is left as it is."""
+    staging = output_dir.with_name(f"{output_dir.name}.extending")
+    shutil.rmtree(staging, ignore_errors=True)  # an interrupted extension's leftovers
+    base = shorter_run(space, run)
+    if base is None or any(output_dir.glob("checkpoint-*")):
+        return
+    logger.info("%s continues %s: starting from its checkpoints", output_dir.name, base.name)
+    staging.mkdir(parents=True)
+    for checkpoint in sorted(base.glob("checkpoint-*")):
+        shutil.copytree(checkpoint, staging / checkpoint.name, copy_function=os.link)
+    runtime = json.loads((base / "train_results.json").read_text())["train_runtime"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(output_dir / EXTENDED_FROM, json.dumps({"run": base.name, "train_runtime": runtime}) + "\n")
+    for checkpoint in sorted(staging.iterdir()):
+        checkpoint.rename(output_dir / checkpoint.name)
+    staging.rmdir()
+
+
+def heal_seconds(output_dir: Path) -> float:
+    """The Trainer's own clock (train_results.json), the same whether the heal ran now or in an earlier part; a run
+    that continued a shorter one adds that run's."""
+    seconds = json.loads((output_dir / "train_results.json").read_text())["train_runtime"]
+    extended = output_dir / EXTENDED_FROM
+    return seconds + (json.loads(extended.read_text())["train_runtime"] if extended.is_file() else 0.0)
 
 
 def run_instructions(space: Workspace, run: Run | str, key: dict) -> dict:

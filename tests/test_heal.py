@@ -293,6 +293,29 @@ def test_an_unprotected_heal_removes_a_stale_audit_file_and_its_checkpoints_refu
     assert f"cannot resume from {out / 'checkpoint-2'}: it was written without Fisher protection" in caplog.text
 
 
+@pytest.mark.parametrize("schedule", ["constant_with_warmup", "cosine"])
+def test_a_constant_rate_heal_resumed_to_more_steps_equals_the_longer_heal(tiny_e6b, chat, tmp_path, schedule):
+    """The study extends a curve by resuming a shorter run's last checkpoint with a larger max_steps
+    (demo/study.py, extend_from_shorter_run). Under a constant rate the 2-step heal resumed to 4 steps is the 4-step
+    heal, bit for bit: the data order, the RNG and the rate do not depend on max_steps. Under cosine the rate does,
+    so it differs: the study extends constant-rate runs only."""
+    # 3 batches of 2 per epoch: the resumed steps cross an epoch boundary, where the data order is reshuffled.
+    common = dict(lr_scheduler_type=schedule, warmup_steps=1, save_strategy="steps", save_steps=2, merge=False,
+                  protect=False, num_examples=6)
+    straight = heal_recipe(tmp_path / "s.yaml", tiny_e6b, None, chat, tmp_path / "straight", max_steps=4, **common)
+    short = heal_recipe(tmp_path / "a.yaml", tiny_e6b, None, chat, tmp_path / "extended", max_steps=2, **common)
+    longer = heal_recipe(tmp_path / "b.yaml", tiny_e6b, None, chat, tmp_path / "extended", max_steps=4, **common)
+    assert main([str(straight)]) == 0 and main([str(short)]) == 0 and main([str(longer)]) == 0
+    expected = load_file(tmp_path / "straight" / "checkpoint-4" / "adapter_model.safetensors")
+    extended = load_file(tmp_path / "extended" / "checkpoint-4" / "adapter_model.safetensors")
+    assert expected.keys() == extended.keys()
+    if schedule == "cosine":
+        assert not all(torch.equal(extended[name], expected[name]) for name in expected)
+    else:
+        for name in expected:
+            torch.testing.assert_close(extended[name], expected[name], rtol=0, atol=0, msg=name)
+
+
 def test_a_rerun_resumes_from_the_last_checkpoint(checkpointed, tmp_path, tiny_e6b, e4b_fisher, chat, caplog):
     caplog.set_level(logging.INFO, logger="heal")
     out = shutil.copytree(checkpointed, tmp_path / "o")  # 4 steps, checkpoint-2 and checkpoint-4, the same plan

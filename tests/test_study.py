@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -570,11 +571,60 @@ def test_a_bad_demo_preset_is_refused_naming_it(tmp_path, edit, named):
         load_presets(path)
 
 
-def test_an_arm_that_stops_early_is_evaluated_at_the_steps_it_reaches(config, tmp_path):
+def test_each_arm_is_evaluated_at_the_steps_it_reaches(config, tmp_path):
+    """An arm stops at the study's max_steps, or at its own: earlier (on-policy) or later (a curve followed further).
+    Its instruction-following is at the instruction steps it reaches and at its last step."""
     assert study.steps_of(config, "onpolicy") == [s for s in config.eval_steps if s <= 50]
-    assert study.steps_of(config, "sft") == list(config.eval_steps)
+    assert study.steps_of(config, "sft") == [s for s in config.eval_steps if s <= config.heal["max_steps"]]
+    assert study.steps_of(config, "self-distill-800") == list(config.eval_steps)
+    assert study.instruction_steps_of(config, "sft") == list(config.instruction_following["steps"])
+    assert study.instruction_steps_of(config, "self-distill-800") == [*config.instruction_following["steps"], 800]
+    # A stored 200-step run's key names the steps it was evaluated at, as before longer arms existed.
+    assert study.run_key(config, study.Run("sft", 0), DATA_HASHES)["eval_steps"] == [50, 100, 200]
     with pytest.raises(study.StudyConfigError, match="'sft' stops at max_steps 10"):
         study.load_study(_write_study(tmp_path, lambda raw: raw["arms"]["sft"]["heal"].update(max_steps=10)))
+
+
+def _finished_heal(space: study.Workspace, run: study.Run, steps: list[int], runtime: float) -> Path:
+    """A finished heal folder of `run` as heal/train.py leaves it: its checkpoints, train_results, trainer_state."""
+    folder = space.keyed(f"runs/{run.name}", study.heal_key(space.config, run, space.data_hashes))
+    for step in steps:
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "adapter_model.safetensors").write_text(f"adapter at {step}")
+    (folder / "train_results.json").write_text(json.dumps({"train_runtime": runtime}))
+    (folder / "trainer_state.json").write_text("{}")
+    return folder
+
+
+def test_a_longer_run_starts_from_the_shorter_runs_checkpoints_only_under_a_constant_rate(config, tmp_path):
+    """self-distill-400's heal is self-distill's with max_steps 400: its folder gets self-distill's checkpoints, hard
+    linked (no copy), and its heal time counts theirs. Another seed, a cosine schedule or a folder that has
+    checkpoints of its own is left alone."""
+    space = study.Workspace(tmp_path / "study", config, tmp_path / "cache")
+    space.data_hashes = DATA_HASHES
+    base = _finished_heal(space, study.Run("self-distill", 0), [50, 100, 150, 200], runtime=600.0)
+    _finished_heal(space, study.Run("self-distill", 1), [50, 100, 150, 200], runtime=500.0)
+    longer = study.Run("self-distill-400", 0)
+    folder = space.keyed(f"runs/{longer.name}", study.heal_key(config, longer, DATA_HASHES))
+    assert study.shorter_run(space, longer) == base
+    study.extend_from_shorter_run(space, longer, folder)
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (100, 150, 200, 50)]
+    linked, original = folder / "checkpoint-200" / "adapter_model.safetensors", base / "checkpoint-200" / \
+        "adapter_model.safetensors"
+    assert linked.read_text() == "adapter at 200" and os.path.samefile(linked, original)
+    assert not folder.with_name(f"{folder.name}.extending").exists()
+    (folder / "train_results.json").write_text(json.dumps({"train_runtime": 700.0}))  # what the resumed heal writes
+    assert study.heal_seconds(folder) == 1300.0
+    # A folder with checkpoints of its own (an interrupted heal of this run) is resumed as it is.
+    (folder / "checkpoint-50" / "adapter_model.safetensors").unlink()
+    study.extend_from_shorter_run(space, longer, folder)
+    assert not (folder / "checkpoint-50" / "adapter_model.safetensors").exists()
+    # No shorter run under another seed, nor under a rate that depends on max_steps.
+    assert study.shorter_run(space, study.Run("self-distill-400", 2)) is None
+    cosine = dataclasses.replace(config, heal={**config.heal, "lr_scheduler_type": "cosine"})
+    space.config = cosine
+    _finished_heal(space, study.Run("self-distill", 0), [50, 100, 150, 200], runtime=600.0)
+    assert study.shorter_run(space, longer) is None
 
 
 def test_a_rebuild_is_the_runs_heal_stopped_at_the_chosen_step(config, tmp_path):
