@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.metadata
 import inspect
 import json
 import logging
@@ -46,6 +47,18 @@ def exit_status(body: Callable[[], object], user_errors: tuple[type[Exception], 
         logger.error("%s", error)
         return 2
     return 0
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions, for an output's provenance. A package that is not installed (this project run from a
+    checkout on PYTHONPATH) is recorded as such: a record must not fail the work it describes, after the work."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def log_config(logger: logging.Logger, config: Mapping[str, Any]) -> None:

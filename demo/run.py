@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "demo"
 SOURCE_NAME = "SmolLM2-135M-Instruct"
 # The presets that are heal studies (demo/study.py), each with its own recipe: name -> recipes/demo file.
-STUDY_PRESETS = {"study": RECIPES / "study.yaml", "gemma3": RECIPES / "gemma3.yaml"}
+STUDY_PRESETS = {"study": RECIPES / "study.yaml", "study-gpu": RECIPES / "study-gpu.yaml",
+                 "gemma3": RECIPES / "gemma3.yaml"}
 
 
 @dataclass(frozen=True)

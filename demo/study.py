@@ -1,11 +1,14 @@
 """The heal studies: every arm's heal curve on a real model, run in resumable parts. `--preset study` is the SmolLM2
-experiment (recipes/demo/study.yaml, results in docs/study/); `--preset gemma3` is Gemma-3-270M (base) healed by
-continued pretraining (recipes/demo/gemma3.yaml, results in docs/gemma3/).
+experiment (recipes/demo/study.yaml, results in docs/study/); `--preset study-gpu` is the same experiment on a GPU,
+more seeds and longer curves (recipes/demo/study-gpu.yaml, results in docs/study-gpu/); `--preset gemma3` is
+Gemma-3-270M (base) healed by continued pretraining (recipes/demo/gemma3.yaml, results in docs/gemma3/).
 
     python -m demo --preset study                         # runs what is not in docs/study yet
     python -m demo --preset study --budget-minutes 60     # start no new run after 60 minutes
     python -m demo --preset study --report                # only rebuild docs/study/README.md and its plots
     python -m demo --preset study --arm self-distill --steps 200 --seed 0   # rebuild one healed model
+    python -m demo --preset study --only sft-s0,sft-s1    # only these runs (no report: --report writes it)
+    python -m demo --preset study-gpu --parallel 6        # several runs at once, on one GPU
 
 Every value is in the preset's recipe. Runs, results, keys and work folders: docs/architecture.md, section
 "The heal study".
@@ -21,7 +24,10 @@ import os
 import platform
 import re
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
@@ -87,9 +93,14 @@ class StudyConfig:
     plain_text: dict | None = None
 
 
+# A study recipe may start from another (`base: study.yaml`, a file of recipes/demo/): its own keys replace the
+# base's, except these, whose entries are merged into the base's one by one (an arm, a heal key, an answer set).
+MERGED_KEYS = ("heal", "answers", "fisher", "arms")
+
+
 def load_study(path: Path = STUDY_RECIPE) -> StudyConfig:
     """The study YAML as a StudyConfig; an unknown key, arm or data kind is an error that names it."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = _read_study_yaml(Path(path))
     fields = StudyConfig.__dataclass_fields__
     required = {name for name, spec in fields.items() if spec.default is MISSING and spec.default_factory is MISSING}
     unknown = sorted(set(raw) - set(fields))
@@ -108,6 +119,22 @@ def load_study(path: Path = STUDY_RECIPE) -> StudyConfig:
     _check_steps(path, config)
     _check_source(path, config)
     return config
+
+
+def _read_study_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe's keys on top of its `base` recipe's (MERGED_KEYS merged entry by entry)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    if "base" not in raw:
+        return raw
+    base = RECIPES / str(raw.pop("base"))
+    if not base.is_file() or base.resolve() in seen:
+        reason = "is not a file of" if not base.is_file() else "starts a cycle of bases in"
+        raise StudyConfigError(f"{path}: base {base.name!r} {reason} {RECIPES}")
+    merged = _read_study_yaml(base, (*seen, path.resolve()))
+    for key, value in raw.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if key in MERGED_KEYS and both_dicts else value
+    return merged
 
 
 def _plain_text(path: Path, entry: dict | None) -> dict | None:
@@ -156,7 +183,11 @@ def _run_entry(path: Path, entry: dict, arms: dict[str, Arm]) -> Run:
 
 
 def _check_steps(path: Path, config: StudyConfig) -> None:
-    save = config.heal.get("save_steps")
+    missing = [key for key in ("max_steps", "save_steps") if key not in config.heal]
+    if missing:
+        raise StudyConfigError(f"{path}: heal has no {' or '.join(missing)}: every run needs a budget and the "
+                               "checkpoints its curve is evaluated at")
+    save = config.heal["save_steps"]
     last = max(max_steps_of(config, arm) for arm in config.arms)
     instruction_steps = config.instruction_following["steps"] if config.instruction_following else ()
     bad = [step for step in (*config.eval_steps, *instruction_steps) if not save or step % save or step > last]
@@ -573,45 +604,172 @@ def machine() -> dict:
 
     # The 15-minute load average when the run ends: above the core count, other work shared the CPU and the wall
     # times overstate what the run alone would take.
+    gpu = {"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_average_15min": round(os.getloadavg()[2], 2)}
+            "load_average_15min": round(os.getloadavg()[2], 2), **gpu}
 
 
-def run_study(config: StudyConfig, workdir: Path, budget_minutes: float, cache_dir: Path | None = None) -> list[str]:
-    """The baseline, the source's instruction-following and every run (its curve, then its instruction-following)
-    whose result is missing or stale, in the YAML's order, starting no new part once `budget_minutes` have passed.
-    Returns the names of the parts still missing."""
+@dataclass(frozen=True)
+class Part:
+    """One result of the study: folder/name.json (runs/ or instructions/), made by `make(key)` unless stored."""
+    folder: str
+    name: str  # baseline, source, raw, or a run's name (its curve and its instruction-following share it)
+    key: dict
+    make: Callable[[dict], dict]
+
+    @property
+    def label(self) -> str:
+        return f"{self.folder}/{self.name}"
+
+
+SHARED_PARTS = ("baseline", "source", "raw")  # the parts that belong to no run
+
+
+def study_parts(space: Workspace, data_hashes: dict[str, str]) -> list[Part]:
+    """The baseline, the source's and raw stack's instruction-following, and every run's curve and then its
+    instruction-following, in the YAML's order."""
+    config = space.config
+    parts = [Part("runs", "baseline", baseline_key(config, data_hashes), lambda key: run_baseline(space, key))]
+    scores_instructions = config.instruction_following is not None
+    if scores_instructions:
+        parts.append(Part("instructions", "source", instructions_key(config, None, data_hashes),
+                          lambda key: run_instructions(space, "source", key)))
+        parts.append(Part("instructions", "raw", raw_instructions_key(config, data_hashes),
+                          lambda key: run_instructions(space, "raw", key)))
+    for run in config.runs:
+        parts.append(Part("runs", run.name, run_key(config, run, data_hashes),
+                          lambda key, run=run: run_one(space, run, key)))
+        if scores_instructions:
+            parts.append(Part("instructions", run.name, instructions_key(config, run, data_hashes),
+                              lambda key, run=run: run_instructions(space, run, key)))
+    return parts
+
+
+def is_stored(config: StudyConfig, part: Part) -> bool:
+    return stored_result(REPO / config.results_dir / part.folder, part.name, key_hash(part.key)) is not None
+
+
+def select_parts(config: StudyConfig, parts: list[Part], only: Sequence[str] | None) -> list[Part]:
+    """The parts named in `only` (baseline, source, raw or run names), or all of them; an unknown name is an error."""
+    if only is None:
+        return parts
+    known = [*SHARED_PARTS, *(run.name for run in config.runs)]
+    unknown = sorted(set(only) - set(known))
+    if unknown:
+        raise StudyConfigError(f"--only {','.join(unknown)}: not a part of this study; parts are {', '.join(known)}")
+    return [part for part in parts if part.name in only]
+
+
+def run_study(config: StudyConfig, workdir: Path, budget_minutes: float, cache_dir: Path | None = None,
+              only: Sequence[str] | None = None) -> list[str]:
+    """The parts (study_parts; `only` selects some by name) whose result is missing or stale, in the YAML's order,
+    starting no new part once `budget_minutes` have passed. Returns the labels of the parts still missing."""
     start = time.monotonic()
     results_dir = REPO / config.results_dir
     space = Workspace(workdir, config, cache_dir)
-    data_hashes = space.prepare()
-    scores_instructions = config.instruction_following is not None
-    todo = [("runs", "baseline", baseline_key(config, data_hashes), lambda key: run_baseline(space, key))]
-    if scores_instructions:
-        todo.append(("instructions", "source", instructions_key(config, None, data_hashes),
-                     lambda key: run_instructions(space, "source", key)))
-        todo.append(("instructions", "raw", raw_instructions_key(config, data_hashes),
-                     lambda key: run_instructions(space, "raw", key)))
-    for run in config.runs:
-        todo.append(("runs", run.name, run_key(config, run, data_hashes),
-                     lambda key, run=run: run_one(space, run, key)))
-        if scores_instructions:
-            todo.append(("instructions", run.name, instructions_key(config, run, data_hashes),
-                         lambda key, run=run: run_instructions(space, run, key)))
     pending = []
-    for folder, name, key, make in todo:
-        part = f"{folder}/{name}"
-        if stored_result(results_dir / folder, name, key_hash(key)) is not None:
-            logger.info("== %s: done (%s/%s.json)", part, results_dir, part)
+    for part in select_parts(config, study_parts(space, space.prepare()), only):
+        if is_stored(config, part):
+            logger.info("== %s: done (%s/%s.json)", part.label, results_dir, part.label)
             continue
         elapsed = (time.monotonic() - start) / 60
         if elapsed > budget_minutes:
-            pending.append(part)
+            pending.append(part.label)
             continue
-        logger.info("== %s (%.0f min into this session's %.0f)", part, elapsed, budget_minutes)
-        logger.info("== %s: wrote %s", part, write_result(results_dir / folder, name, make(key)))
+        logger.info("== %s (%.0f min into this session's %.0f)", part.label, elapsed, budget_minutes)
+        logger.info("== %s: wrote %s", part.label, write_result(results_dir / part.folder, part.name,
+                                                                part.make(part.key)))
     return pending
+
+
+# ---- several study processes at once (a GPU machine) ------------------------------------------------------------
+
+
+def work_units(config: StudyConfig, pending_names: Sequence[str], data_hashes: dict[str, str]) -> list[list[str]]:
+    """The pending parts' names grouped into what one process runs in order: the shared parts together, and a run
+    together with the pending runs that continue its curve (extends), so that the longer run starts from the
+    shorter one's checkpoints instead of healing its first steps again. In the YAML's order."""
+    runs = {run.name: run for run in config.runs}
+    units: list[list[str]] = []
+    unit_of: dict[str, list[str]] = {}
+    for name in dict.fromkeys(pending_names):
+        if name in SHARED_PARTS:
+            home = unit_of.get(SHARED_PARTS[0])
+        else:
+            home = next((unit_of[other] for other in unit_of if other in runs
+                         and extends(config, runs[name], runs[other], data_hashes)), None)
+        if home is None:
+            home = []
+            units.append(home)
+        home.append(name)
+        unit_of[SHARED_PARTS[0] if name in SHARED_PARTS else name] = home
+    return units
+
+
+def extends(config: StudyConfig, longer: Run, shorter: Run, data_hashes: dict[str, str]) -> bool:
+    """Whether `longer`'s heal is `shorter`'s with more steps under a constant rate (shorter_run would reuse it)."""
+    long_key, short_key = heal_key(config, longer, data_hashes), heal_key(config, shorter, data_hashes)
+    steps = short_key["heal"]["max_steps"]
+    return (long_key["heal"]["lr_scheduler_type"] in CONSTANT_SCHEDULES and steps < long_key["heal"]["max_steps"]
+            and {**long_key, "heal": {**long_key["heal"], "max_steps": steps}} == short_key)
+
+
+def prepare_inputs(space: Workspace, names: Sequence[str]) -> None:
+    """The answers and the Fisher that the named runs train with, made now unless they exist: then the study
+    processes that run in parallel only read them."""
+    config = space.config
+    arms = [config.arms[run.arm] for run in config.runs if run.name in names]
+    for kind in dict.fromkeys(arm.data for arm in arms):
+        space.train_data(kind)
+    if any(arm.heal.get("protect") for arm in arms):
+        space.fisher()
+
+
+def run_parallel(config: StudyConfig, workdir: Path, budget_minutes: float, cache_dir: Path | None, preset: str,
+                 jobs: int) -> list[str]:
+    """run_study's parts in up to `jobs` study processes at once, one work unit each (`--only`), for a machine with
+    room for several: one GPU holds many of these small heals, each process mostly Python overhead. This process
+    makes a unit's shared inputs (answers, Fisher) just before starting it, while the others run. No unit starts
+    after `budget_minutes`; each process's log is WORKDIR/logs/<first part>.log. Returns the labels still missing."""
+    start = time.monotonic()
+    space = Workspace(workdir, config, cache_dir)
+    data_hashes = space.prepare()
+    pending = [part for part in study_parts(space, data_hashes) if not is_stored(config, part)]
+    queue = work_units(config, [part.name for part in pending], data_hashes)
+    logger.info("%d parts to run in %d work units, %d at a time: %s", len(pending), len(queue), jobs,
+                "; ".join(",".join(unit) for unit in queue))
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    running: dict[subprocess.Popen, tuple[list[str], float]] = {}
+    while queue or running:
+        elapsed = (time.monotonic() - start) / 60
+        if queue and elapsed > budget_minutes:
+            logger.info("budget spent: %d work units not started", len(queue))
+            queue.clear()
+        if queue and len(running) < jobs:
+            unit = queue.pop(0)
+            prepare_inputs(space, unit)
+            running[_start_unit(unit, preset, workdir, budget_minutes - elapsed, cache_dir, logs)] = (
+                unit, time.monotonic())
+            continue
+        for process in [process for process in running if process.poll() is not None]:
+            unit, started = running.pop(process)
+            log = logger.info if process.returncode == 0 else logger.error
+            log("finished %s in %.0f s, exit code %d", ",".join(unit), time.monotonic() - started, process.returncode)
+        time.sleep(2)
+    return [part.label for part in pending if not is_stored(config, part)]
+
+
+def _start_unit(unit: list[str], preset: str, workdir: Path, budget_minutes: float, cache_dir: Path | None,
+                logs: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "demo", "--preset", preset, "--workdir", str(workdir),
+               "--budget-minutes", f"{budget_minutes:.2f}", "--only", ",".join(unit),
+               *(["--cache-dir", str(cache_dir)] if cache_dir else [])]
+    log = logs / f"{unit[0]}.log"
+    logger.info("started %s (log: %s)", ",".join(unit), log)
+    with open(log, "a") as stream:
+        return subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT)
 
 
 def rebuild(config: StudyConfig, workdir: Path, arm: str, steps: int, seed: int, cache_dir: Path | None) -> Path:
@@ -640,7 +798,13 @@ def main(argv: list[str] | None = None, preset: str = "study") -> int:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--only", type=lambda text: text.split(","), metavar="NAME[,NAME...]",
+                        help="run only these parts: run names (sft-s0), baseline, source, raw; writes no report")
+    parser.add_argument("--parallel", type=int, default=1, metavar="JOBS",
+                        help="run the parts in up to JOBS processes at once (a GPU machine); logs in WORKDIR/logs")
     args = parser.parse_args(argv)
+    if args.parallel < 1 or (args.parallel > 1 and args.only):
+        parser.error("--parallel takes a number of processes >= 1, and not with --only (it passes --only itself)")
     setup_logging()
     from demo.study_report import write_study_report
 
@@ -653,9 +817,16 @@ def main(argv: list[str] | None = None, preset: str = "study") -> int:
                                                args.cache_dir))
             return 0
         if not args.report:
-            pending = run_study(config, args.workdir.resolve(), args.budget_minutes, args.cache_dir)
+            workdir = args.workdir.resolve()
+            if args.parallel > 1:
+                pending = run_parallel(config, workdir, args.budget_minutes, args.cache_dir, preset, args.parallel)
+            else:
+                pending = run_study(config, workdir, args.budget_minutes, args.cache_dir, args.only)
             if pending:
                 logger.info("budget spent; still to run: %s (run the same command again)", ", ".join(pending))
+        if args.only:
+            logger.info("--only: no report written (python -m demo --preset %s --report writes it)", preset)
+            return 0
         logger.info("report: %s", write_study_report(config, REPO / config.results_dir, preset))
     except StudyConfigError as error:
         logger.error("%s", error)

@@ -11,7 +11,6 @@ The file format is documented in docs/architecture.md ("The Fisher file").
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import SourceError, check_data_present, open_source
-from core.cli import ConfigParser, log_config, setup_logging
+from core.cli import ConfigParser, log_config, package_versions, setup_logging
 from core.data import DataError
 from core.outputs import OutputExistsError, guard_output_dir, staged_output
 from core.tokens import pad_id
@@ -125,8 +124,7 @@ def compute_and_write(config: FisherConfig, force: bool = False) -> None:
         "seed": config.seed,
         "dtype": config.dtype,
         "world_size": accelerator.num_processes,
-        "versions": {name: importlib.metadata.version(name)
-                     for name in ("torch", "transformers", "trl", "accelerate", "e6b-heal")},
+        "versions": package_versions("torch", "transformers", "trl", "accelerate", "e6b-heal"),
         "config": config_to_dict(config),
     }
     if factor_sums is None:

@@ -53,7 +53,7 @@ def top_eigenbasis(moment: torch.Tensor, energy_share: float, max_rank: int) -> 
     if trace <= 0:
         return Eigenbasis(vectors[:, :0].float(), values[:0].float(), 0.0)
     cumulative = torch.cumsum(values, 0)
-    needed = int(torch.searchsorted(cumulative, torch.tensor(energy_share * trace, dtype=torch.float64))) + 1
+    needed = int(torch.searchsorted(cumulative, cumulative.new_tensor(energy_share * trace))) + 1  # on its device
     k = min(needed, max_rank, len(values))
     return Eigenbasis(vectors[:, :k].float().contiguous(), values[:k].float().contiguous(), trace)
 

@@ -11,7 +11,6 @@ sampling, dropped answers, outputs and resume: docs/architecture.md, section "Se
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.checkpoint import SourceError, check_data_present, open_source
-from core.cli import ConfigParser, load_dataclass, setup_logging
+from core.cli import ConfigParser, load_dataclass, package_versions, setup_logging
 from core.files import jsonl_text, read_jsonl, sha256_file
 from core.outputs import OutputExistsError, guard_output_dir, staged_output, write_file_atomic
 from core.tokens import pad_batch, pad_id, stop_token_ids
@@ -135,7 +134,7 @@ def resolve_settings(config: AnswersConfig, identity: dict, prompts: list[Messag
         "batch_size": config.batch_size,
         "device": device.type,  # GPU and CPU kernels round differently: their answers differ
         "dtype": str(dtype).removeprefix("torch."),
-        "versions": {name: importlib.metadata.version(name) for name in VERSIONED},
+        "versions": package_versions(*VERSIONED),
     }
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.cli import package_versions
 from core.data import DataError, dataset_specs
 from core.files import (
     JsonlError,
@@ -154,3 +155,11 @@ def test_the_heal_and_the_evaluation_refuse_a_differing_vocabulary_in_their_own_
     with pytest.raises(EvalError, match=re.escape("model 'large': its tokenizer's vocabulary differs from 'small''s: "
                                                   "301 tokens against 300, first difference at id 300 ('w294')")):
         check_models(folders, reference=None)
+
+
+def test_a_package_that_is_not_installed_is_recorded_as_such():
+    # The project run from a checkout (PYTHONPATH, no install) once failed a Fisher run after its work, here.
+    import torch
+
+    versions = package_versions("torch", "no-such-distribution")
+    assert versions == {"torch": torch.__version__, "no-such-distribution": "not installed"}

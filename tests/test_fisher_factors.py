@@ -353,6 +353,16 @@ def test_top_eigenbasis_keeps_the_fewest_vectors_holding_the_share(share, max_ra
     assert top.trace == pytest.approx(10.0, rel=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the factors' moments live on the device")
+def test_top_eigenbasis_of_a_moment_on_the_gpu_is_the_cpus():
+    # A GPU run of `python -m fisher` with factors failed here once: the share's threshold was made on the CPU.
+    moment = torch.randn(16, 16, generator=torch.Generator().manual_seed(2)).square() + torch.eye(16)
+    moment = moment @ moment.T
+    on_gpu, on_cpu = top_eigenbasis(moment.cuda(), 0.9, 16), top_eigenbasis(moment, 0.9, 16)
+    assert on_gpu.vectors.shape == on_cpu.vectors.shape
+    torch.testing.assert_close(on_gpu.values.cpu(), on_cpu.values, rtol=1e-5, atol=1e-5)
+
+
 def test_top_eigenbasis_of_a_zero_moment_is_empty():
     top = top_eigenbasis(torch.zeros(5, 5), 0.9, 4)
     assert top.vectors.shape == (5, 0) and top.values.shape == (0,) and top.energy == 0.0

@@ -42,8 +42,8 @@ def test_the_seed_recipes_are_found_by_kind():
     assert REPO / "recipes" / "e6b.yaml" in STACK_RECIPES
     assert REPO / "recipes" / "heal.yaml" in HEAL_RECIPES and REPO / "recipes" / "fisher.yaml" in FISHER_RECIPES
     assert REPO / "recipes" / "answers.yaml" in ANSWERS_RECIPES
-    assert {"presets.yaml", "study.yaml", "gemma3.yaml"} == {path.name for path, kind in RECIPES.items()
-                                              if kind is None and "accelerate" not in path.parts}
+    studies = {"presets.yaml", "study.yaml", "study-gpu.yaml", "gemma3.yaml"}
+    assert studies == {path.name for path, kind in RECIPES.items() if kind is None and "accelerate" not in path.parts}
 
 
 @pytest.mark.parametrize("path", STACK_RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))

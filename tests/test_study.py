@@ -660,3 +660,55 @@ def test_tokens_at_carries_the_count_over_a_resumed_heals_restart():
     for log in (steady, resumed):
         assert [study_report.tokens_at(log, s) for s in (5, 10, 15, 20)] == [500, 1000, 1500, 2000]
     assert math.isnan(study_report.tokens_at(steady, 4))
+
+
+# ---- a study on a base study (study-gpu), and several study processes at once ---------------------------------
+
+
+def test_a_study_on_a_base_is_the_bases_recipe_with_its_own_keys_on_top(config, monkeypatch):
+    gpu = study.load_study(STUDY_PRESETS["study-gpu"])
+    assert gpu.results_dir != config.results_dir
+    assert gpu.heal == {**config.heal, "use_cpu": False}  # merged key by key, not replaced
+    assert gpu.arms == config.arms and gpu.eval_steps == config.eval_steps
+    assert gpu.fisher == config.fisher and gpu.num_train_prompts == config.num_train_prompts
+    # The same runs differ only where the GPU study says so: the device, and float32 answers.
+    run = study.Run("self-distill", 0)
+    cpu_key, gpu_key = study.heal_key(config, run, DATA_HASHES), study.heal_key(gpu, run, DATA_HASHES)
+    assert {**gpu_key, "heal": {**gpu_key["heal"], "use_cpu": True}, "answers": cpu_key["answers"]} == cpu_key
+    # Switched off (the base's heal replaced, not merged), the GPU study would have no budget at all.
+    monkeypatch.setattr(study, "MERGED_KEYS", tuple(key for key in study.MERGED_KEYS if key != "heal"))
+    with pytest.raises(study.StudyConfigError, match="heal has no max_steps or save_steps"):
+        study.load_study(STUDY_PRESETS["study-gpu"])
+
+
+@pytest.mark.parametrize("base, named", [("nosuch.yaml", "'nosuch.yaml' is not a file"),
+                                         ("study-gpu.yaml", "cycle")])
+def test_a_bad_base_is_refused_naming_it(tmp_path, monkeypatch, base, named):
+    monkeypatch.setattr(study, "RECIPES", tmp_path)
+    (tmp_path / "study-gpu.yaml").write_text(f"base: {base}\nresults_dir: x\n")
+    with pytest.raises(study.StudyConfigError, match=named):
+        study.load_study(tmp_path / "study-gpu.yaml")
+
+
+def test_only_selects_the_named_parts_and_refuses_an_unknown_name(config, tmp_path):
+    space = study.Workspace(tmp_path / "study", config, tmp_path / "cache")
+    parts = study.study_parts(space, DATA_HASHES)
+    assert [p.label for p in study.select_parts(config, parts, ["sft-s0", "raw"])] == [
+        "instructions/raw", "runs/sft-s0", "instructions/sft-s0"]
+    assert study.select_parts(config, parts, None) == parts
+    with pytest.raises(study.StudyConfigError, match="--only sft-s9: not a part"):
+        study.select_parts(config, parts, ["sft-s0", "sft-s9"])
+
+
+def test_a_work_unit_keeps_a_curve_with_the_runs_that_continue_it():
+    gpu = study.load_study(STUDY_PRESETS["study-gpu"])
+    names = [*study.SHARED_PARTS, *(run.name for run in gpu.runs)]
+    units = study.work_units(gpu, names, DATA_HASHES)
+    assert units[0] == list(study.SHARED_PARTS)
+    assert ["distill-s0", "distill-400-s0", "distill-800-s0"] in units
+    assert ["self-distill-s0", "self-distill-400-s0", "self-distill-800-s0"] in units
+    assert ["distill-s1"] in units and ["self-distill+fisher-s0"] in units  # another seed, another arm: alone
+    assert sorted(name for unit in units for name in unit) == sorted(names)
+    # Under a rate that depends on max_steps a longer run shares nothing with the shorter one: every run alone.
+    cosine = dataclasses.replace(gpu, heal={**gpu.heal, "lr_scheduler_type": "cosine"})
+    assert all(len(unit) == 1 for unit in study.work_units(cosine, names[3:], DATA_HASHES))
