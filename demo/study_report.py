@@ -295,27 +295,29 @@ def _differences(points: dict[str, list[dict]], comparator: str) -> list[str]:
     """Every arm minus the comparator arm at the same steps, paired over items, for the four metrics."""
     if comparator not in points:
         return []
-    base = {p["step"]: p for p in points[comparator]}
-    pairs = [(arm, point, base[point["step"]]["items"]) for arm, arm_points_list in points.items()
+    base = {p["step"]: p["items"] for p in points[comparator]}
+    pairs = [(arm, point["step"], point["items"], base[point["step"]]) for arm, arm_points_list in points.items()
              if arm != comparator for point in arm_points_list if point["step"] in base]
     return _difference_table(f"Paired differences, arm − {comparator} at the same step", pairs)
 
 
 def _differences_from_source(points: dict[str, list[dict]], source: dict) -> list[str]:
     """Every checkpoint minus the source on the same items: how far each arm still is from the source."""
-    pairs = [(arm, point, source["items"]) for arm, arm_points_list in points.items() for point in arm_points_list]
+    pairs = [(arm, point["step"], point["items"], source["items"]) for arm, arm_points_list in points.items()
+             for point in arm_points_list]
     return _difference_table("Paired differences, checkpoint − source", pairs)
 
 
-def _difference_table(title: str, pairs: list[tuple[str, dict, dict]]) -> list[str]:
+def _difference_table(title: str, pairs: list[tuple[str, int, dict, dict]], metrics: dict = METRICS) -> list[str]:
+    """One row per (arm, step, its items, the other's items): the paired difference of each metric."""
     if not pairs:
         return []
     lines = [f"{title} (95% bootstrap interval over items; bold where it excludes 0):", "",
-             "| arm | step | " + " | ".join(METRICS[m][0] for m in METRICS) + " |",
-             "|" + "---|" * (len(METRICS) + 2)]
-    for arm, point, other in pairs:
-        cells = [_bold_if_measured(paired(point["items"][metric], other[metric], metric)) for metric in METRICS]
-        lines.append(f"| {arm} | {point['step']} | {' | '.join(cells)} |")
+             "| arm | step | " + " | ".join(metrics[m][0] for m in metrics) + " |",
+             "|" + "---|" * (len(metrics) + 2)]
+    for arm, step, items, other in pairs:
+        cells = [_bold_if_measured(paired(items[metric], other[metric], metric)) for metric in metrics]
+        lines.append(f"| {arm} | {step} | {' | '.join(cells)} |")
     return lines
 
 
@@ -369,17 +371,10 @@ def _instruction_table(config, results: dict[str, dict]) -> list[str]:
 
 def _instruction_differences(arm_items: dict[tuple[str, int], dict[str, np.ndarray]], comparator: str) -> list[str]:
     """Every other arm's IFEval scores minus the comparator's at the same step, paired over the same prompts."""
-    pairs = [(arm, step) for arm, step in arm_items if arm != comparator and (comparator, step) in arm_items]
-    if not pairs:
-        return []
-    lines = ["", f"Paired differences, arm − {comparator} at the same step (bold where the interval excludes 0):", "",
-             "| arm | step | " + " | ".join(IF_METRICS[m][0] for m in IF_METRICS) + " |",
-             "|" + "---|" * (2 + len(IF_METRICS))]
-    for arm, step in pairs:
-        diffs = [_bold_if_measured(paired(arm_items[arm, step][m], arm_items[comparator, step][m], m))
-                 for m in IF_METRICS]
-        lines.append(f"| {arm} | {step} | {' | '.join(diffs)} |")
-    return lines
+    pairs = [(arm, step, items, arm_items[comparator, step]) for (arm, step), items in arm_items.items()
+             if arm != comparator and (comparator, step) in arm_items]
+    table = _difference_table(f"Paired differences, arm − {comparator} at the same step", pairs, IF_METRICS)
+    return ["", *table] if table else []
 
 
 def twin_of(arm: str) -> str | None:
