@@ -66,7 +66,9 @@ def test_full_size_e6b_targets_and_trainable_parameters_match_a_hand_count(e6b_h
     # Negative control: the hand count is sensitive to the rank and the recipe to seam_width.
     assert hand_count(rank=8)[1] != plan.lora_parameters
     assert len(full_size_plan(e6b_headers, tmp_path, seam_width=1).targets) < len(plan.targets)
-    assert plan.protection is None and "absent.safetensors is absent" in plan.protection_note
+    assert plan.protection is None and plan.protection_note == "protect: false"  # the recipe's default
+    protected = full_size_plan(e6b_headers, tmp_path, protect=True)
+    assert protected.protection is None and "absent.safetensors is absent" in protected.protection_note
 
 
 def test_full_size_e6b_memory_is_positive_and_ordered(e6b_headers, tmp_path):
