@@ -93,7 +93,7 @@ def test_cli_prints_targets_memory_and_a_verdict_per_config(e6b_headers, tmp_pat
     recipe.write_text((REPO / "recipes" / "heal.yaml").read_text().replace("out/gemma-4-E6B-it-raw", str(e6b_headers)))
     assert main([str(recipe), "--world-size", "2", "8"]) == 0
     out = capsys.readouterr().out
-    assert "76 modules, 10,092,544 trainable parameters" in out and "is absent" in out
+    assert "76 modules, 10,092,544 trainable parameters" in out and "Protection: none (protect: false)" in out
     assert out.count("fits on 80 GB") == 4 and "ZeRO-3 x8" in out and "ZeRO-2 x1:" not in out
     # Negative control: the same configs on 20 GB GPUs do not all fit.
     assert main([str(recipe), "--world-size", "2", "8", "--gpu-memory-gb", "20"]) == 0
