@@ -715,15 +715,20 @@ def extends(config: StudyConfig, longer: Run, shorter: Run, data_hashes: dict[st
             and {**long_key, "heal": {**long_key["heal"], "max_steps": steps}} == short_key)
 
 
-def prepare_inputs(space: Workspace, names: Sequence[str]) -> None:
-    """The answers and the Fisher that the named runs train with, made now unless they exist: then the study
-    processes that run in parallel only read them."""
-    config = space.config
+def unit_inputs(config: StudyConfig, names: Sequence[str]) -> list[str]:
+    """The shared inputs the named runs train with: their answer sets (ANSWER_KINDS) and "fisher" when one is
+    protected."""
     arms = [config.arms[run.arm] for run in config.runs if run.name in names]
-    for kind in dict.fromkeys(arm.data for arm in arms):
-        space.train_data(kind)
-    if any(arm.heal.get("protect") for arm in arms):
+    kinds = [arm.data for arm in arms if arm.data in ANSWER_KINDS]
+    return list(dict.fromkeys(kinds + (["fisher"] if any(arm.heal.get("protect") for arm in arms) else [])))
+
+
+def make_input(space: Workspace, name: str) -> None:
+    """One of unit_inputs, made unless it exists."""
+    if name == "fisher":
         space.fisher()
+    else:
+        space.train_data(name)
 
 
 def run_parallel(config: StudyConfig, workdir: Path, budget_minutes: float, cache_dir: Path | None, preset: str,
@@ -742,6 +747,7 @@ def run_parallel(config: StudyConfig, workdir: Path, budget_minutes: float, cach
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     running: dict[subprocess.Popen, tuple[list[str], float]] = {}
+    failed_inputs: set[str] = set()
     while queue or running:
         elapsed = (time.monotonic() - start) / 60
         if queue and elapsed > budget_minutes:
@@ -749,9 +755,9 @@ def run_parallel(config: StudyConfig, workdir: Path, budget_minutes: float, cach
             queue.clear()
         if queue and len(running) < jobs:
             unit = queue.pop(0)
-            prepare_inputs(space, unit)
-            running[_start_unit(unit, preset, workdir, budget_minutes - elapsed, cache_dir, logs)] = (
-                unit, time.monotonic())
+            if _inputs_made(space, unit, failed_inputs):
+                running[_start_unit(unit, preset, workdir, budget_minutes - elapsed, cache_dir, logs)] = (
+                    unit, time.monotonic())
             continue
         for process in [process for process in running if process.poll() is not None]:
             unit, started = running.pop(process)
@@ -759,6 +765,21 @@ def run_parallel(config: StudyConfig, workdir: Path, budget_minutes: float, cach
             log("finished %s in %.0f s, exit code %d", ",".join(unit), time.monotonic() - started, process.returncode)
         time.sleep(2)
     return [part.label for part in pending if not is_stored(config, part)]
+
+
+def _inputs_made(space: Workspace, unit: list[str], failed: set[str]) -> bool:
+    """Makes the unit's shared inputs here, while the other units run. One that fails (its stage's error is in the
+    log above) is not tried again: the units that need it are skipped, and the others go on."""
+    for name in unit_inputs(space.config, unit):
+        if name not in failed:
+            try:
+                make_input(space, name)
+            except SystemExit:  # demo.run._run: the stage exited non-zero
+                failed.add(name)
+        if name in failed:
+            logger.error("skipped %s: its input %r failed", ",".join(unit), name)
+            return False
+    return True
 
 
 def _start_unit(unit: list[str], preset: str, workdir: Path, budget_minutes: float, cache_dir: Path | None,

@@ -712,3 +712,28 @@ def test_a_work_unit_keeps_a_curve_with_the_runs_that_continue_it():
     # Under a rate that depends on max_steps a longer run shares nothing with the shorter one: every run alone.
     cosine = dataclasses.replace(gpu, heal={**gpu.heal, "lr_scheduler_type": "cosine"})
     assert all(len(unit) == 1 for unit in study.work_units(cosine, names[3:], DATA_HASHES))
+
+
+def test_a_unit_needs_the_answers_and_the_fisher_of_its_runs(config):
+    assert study.unit_inputs(config, ["self-distill-s0", "self-distill-400-s0"]) == ["greedy"]
+    assert study.unit_inputs(config, ["self-distill+kfac-50-s0"]) == ["greedy", "fisher"]
+    assert study.unit_inputs(config, ["sft+fisher-s0"]) == ["fisher"]
+    assert study.unit_inputs(config, ["sft-s0", *study.SHARED_PARTS]) == []
+
+
+def test_an_input_that_fails_skips_the_units_that_need_it_once(config, tmp_path, monkeypatch):
+    """The Fisher stage fails (it did, on a GPU): every unit that needs it is skipped, the stage is not run again
+    for each of them, and the units that do not need it start."""
+    made = []
+
+    def make_input(space, name):
+        made.append(name)
+        if name == "fisher":
+            raise SystemExit(1)
+
+    monkeypatch.setattr(study, "make_input", make_input)
+    space, failed = study.Workspace(tmp_path / "study", config, tmp_path / "cache"), set()
+    started = [unit for unit in (["sft+fisher-s0"], ["self-distill+fisher-s0"], ["self-distill-s1"], ["sft-s1"])
+               if study._inputs_made(space, unit, failed)]
+    assert started == [["self-distill-s1"], ["sft-s1"]] and failed == {"fisher"}
+    assert made == ["fisher", "greedy", "greedy"]
