@@ -55,7 +55,7 @@ lint: venv
 
 ## test: the test suite (CPU, tiny models built in fixtures, no downloads)
 test: venv
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10
 
 ## test-slow: opt-in checks (SmolLM2-135M-Instruct stacked 30 -> 48 and checked tensor by tensor, its GGUF round trip; the
 ## ZeRO-2 heals, and the ZeRO-3 heals of distill, kfac and ewc;
