@@ -643,6 +643,7 @@ def plot_curves(points: dict[str, list[dict]], refs: dict[str, dict], path: Path
         for name, style in (("source", "--"), ("raw", ":")):
             axis.axhline(refs[name]["intervals"][metric].estimate, color="black", linestyle=style, label=name)
         axis.set_xscale("log")
+        axis.tick_params(axis="x", which="minor", labelbottom=False)  # a decade's minor labels overlap
         axis.set_xlabel("training tokens")
         axis.set_title(f"{METRICS[metric][0]} (lower is better)", fontsize=9)
     axes[0].legend(fontsize=7)
