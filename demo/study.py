@@ -521,11 +521,16 @@ def shorter_run(space: Workspace, run: Run) -> Path | None:
         return None
     budgets = {max_steps_of(space.config, arm) for arm in space.config.arms}
     for steps in sorted((b for b in budgets if b < key["heal"]["max_steps"]), reverse=True):
-        shorter = key_hash({**key, "heal": {**key["heal"], "max_steps": steps}})
+        shorter = key_hash(at_budget(key, steps))
         done = [d for d in sorted(space.workdir.glob(f"runs/*-{shorter}")) if (d / "trainer_state.json").is_file()]
         if done:
             return done[0]
     return None
+
+
+def at_budget(key: dict, steps: int) -> dict:
+    """A heal key with another max_steps: under a constant rate, the key of the same heal stopped at `steps`."""
+    return {**key, "heal": {**key["heal"], "max_steps": steps}}
 
 
 def extend_from_shorter_run(space: Workspace, run: Run, output_dir: Path) -> None:
@@ -690,15 +695,15 @@ def work_units(config: StudyConfig, pending_names: Sequence[str], data_hashes: d
     """The pending parts' names grouped into what one process runs in order: the shared parts together, and a run
     together with the pending runs that continue its curve (extends), so that the longer run starts from the
     shorter one's checkpoints instead of healing its first steps again. In the YAML's order."""
-    runs = {run.name: run for run in config.runs}
+    keys = {run.name: heal_key(config, run, data_hashes) for run in config.runs}  # each read once: they read files
     units: list[list[str]] = []
     unit_of: dict[str, list[str]] = {}
     for name in dict.fromkeys(pending_names):
         if name in SHARED_PARTS:
             home = unit_of.get(SHARED_PARTS[0])
         else:
-            home = next((unit_of[other] for other in unit_of if other in runs
-                         and extends(config, runs[name], runs[other], data_hashes)), None)
+            home = next((unit_of[other] for other in unit_of if other in keys
+                         and extends(keys[name], keys[other])), None)
         if home is None:
             home = []
             units.append(home)
@@ -707,12 +712,11 @@ def work_units(config: StudyConfig, pending_names: Sequence[str], data_hashes: d
     return units
 
 
-def extends(config: StudyConfig, longer: Run, shorter: Run, data_hashes: dict[str, str]) -> bool:
-    """Whether `longer`'s heal is `shorter`'s with more steps under a constant rate (shorter_run would reuse it)."""
-    long_key, short_key = heal_key(config, longer, data_hashes), heal_key(config, shorter, data_hashes)
-    steps = short_key["heal"]["max_steps"]
-    return (long_key["heal"]["lr_scheduler_type"] in CONSTANT_SCHEDULES and steps < long_key["heal"]["max_steps"]
-            and {**long_key, "heal": {**long_key["heal"], "max_steps": steps}} == short_key)
+def extends(longer: dict, shorter: dict) -> bool:
+    """Whether heal key `longer` is `shorter` with more steps under a constant rate (shorter_run would reuse it)."""
+    steps = shorter["heal"]["max_steps"]
+    return (longer["heal"]["lr_scheduler_type"] in CONSTANT_SCHEDULES and steps < longer["heal"]["max_steps"]
+            and at_budget(longer, steps) == shorter)
 
 
 def unit_inputs(config: StudyConfig, names: Sequence[str]) -> list[str]:
