@@ -284,19 +284,28 @@ class OnPolicyDistillationTrainer(DistillationTrainer):
         if self.padding_free:
             raise TeacherError("objective: onpolicy rebuilds padded batches from the student's generations; set "
                                "padding_free: false (and packing: false)")
-        self._draw = random.Random(self.args.seed)  # which micro-batches are on-policy: one draw each, seeded
         self._on_policy_batch = False
+        self._draw_step, self._micro_batch = -1, 0  # the optimizer step being drawn for, and its micro-batch
         self._stops, self._pad = stop_token_ids(self.processing_class), pad_id(self.processing_class)
         self._generation = generation_kwargs(self.heal, self._stops, self._pad)
 
     def objective_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._on_policy_batch = False
         if self.model.training:
-            self._on_policy_batch = self._draw.random() < self.heal.onpolicy_lmbda
+            self._on_policy_batch = self._draw_on_policy()
             self._metrics["train"]["onpolicy_share"].append(float(self._on_policy_batch))
         if self._on_policy_batch:
             inputs = self._student_batch(model, inputs)
         return super().objective_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _draw_on_policy(self) -> bool:
+        """Whether this training micro-batch is on-policy: a draw seeded by (seed, optimizer step, micro-batch within
+        the step) rather than taken from one stream, so a heal resumed from a checkpoint draws what the uninterrupted
+        heal drew (a stream would restart at the resumed step). Every rank draws the same."""
+        step = self.state.global_step  # optimizer steps done: the same for every micro-batch of the next step
+        self._micro_batch = self._micro_batch + 1 if step == self._draw_step else 0
+        self._draw_step = step
+        return random.Random(f"{self.args.seed}:{step}:{self._micro_batch}").random() < self.heal.onpolicy_lmbda
 
     def _kl_normalizer(self, positions, num_items_in_batch):
         if self._on_policy_batch:  # num_items_in_batch counted the data's label tokens, not the generated ones

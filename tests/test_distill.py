@@ -2,13 +2,15 @@
 to the student gives zero loss and gradient, alpha = 0 is plain SFT, and the run trains, saves and merges
 with the protection composed. The ZeRO-2/3 runs with a teacher are in test_heal_distributed.py.
 objective: onpolicy: the KL is taken on the student's own samples (with a negative control), lmbda 0 is the
-teacher-forced distillation, a heal runs end to end, and bad settings are errors."""
+teacher-forced distillation, a heal runs end to end, a resumed heal equals the uninterrupted one, and bad settings
+are errors."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import random
 import shutil
 
 import pytest
@@ -384,6 +386,39 @@ def test_onpolicy_heals_end_to_end_adapters_train_and_the_stack_is_untouched(tin
     assert adapter and all("lora_" in name for name in adapter)  # the base weights are not trained
     assert all(torch.count_nonzero(tensor) > 0 for name, tensor in adapter.items() if "lora_B" in name)  # B began at 0
     assert {path: path.read_bytes() for path in tiny_e6b.glob("*.safetensors")} == shards
+
+
+@pytest.mark.parametrize("draws", ["seeded per step", "one stream"])
+def test_an_onpolicy_heal_resumed_to_more_steps_equals_the_longer_heal(identity_and_rewind, prompts_and_completions,
+                                                                       tmp_path, monkeypatch, draws):
+    """Half the micro-batches on-policy (lmbda 0.5), sampled at temperature 1: a 4-step heal resumed from its own
+    step-2 checkpoint draws the same micro-batches on-policy as it did, and samples the same completions (the Trainer
+    restores the RNG), so the adapters are equal bit for bit. Negative control: draws from one seeded stream restart
+    at the resumed step (steps 2-3 repeat steps 0-1's draws), and the two heals part."""
+    if draws == "one stream":
+        def stream_draw(self):
+            stream = self.__dict__.setdefault("stream", random.Random(self.args.seed))
+            return stream.random() < self.heal.onpolicy_lmbda
+        monkeypatch.setattr(OnPolicyDistillationTrainer, "_draw_on_policy", stream_draw)
+    _, rewind = identity_and_rewind
+    common = dict(objective="onpolicy", onpolicy_lmbda=0.5, onpolicy_temperature=1.0, onpolicy_max_new_tokens=3,
+                  lr_scheduler_type="constant", save_strategy="steps", save_steps=2, merge=False, protect=False)
+    straight, resumed = (heal_recipe(tmp_path / f"{name}.yaml", rewind, None, prompts_and_completions, tmp_path / name,
+                                     max_steps=4, **common) for name in ("straight", "resumed"))
+    assert main([str(straight)]) == 0
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    assert main([str(resumed)]) == 0
+
+    def on_policy_shares(folder):
+        history = json.loads((tmp_path / folder / "trainer_state.json").read_text())["log_history"]
+        return [entry["onpolicy_share"] for entry in history if "onpolicy_share" in entry]
+
+    expected = load_file(tmp_path / "straight" / "checkpoint-4" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / "adapter_model.safetensors")
+    assert sorted(set(on_policy_shares("straight"))) == [0.0, 1.0]  # both kinds of micro-batch ran
+    same = on_policy_shares("resumed") == on_policy_shares("straight") and all(
+        torch.equal(resumed[name], expected[name]) for name in expected)
+    assert same == (draws == "seeded per step"), (on_policy_shares("straight"), on_policy_shares("resumed"))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
