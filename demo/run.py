@@ -34,7 +34,7 @@ RECIPES = REPO / "recipes" / "demo"
 SOURCE_NAME = "SmolLM2-135M-Instruct"
 # The presets that are heal studies (demo/study.py), each with its own recipe: name -> recipes/demo file.
 STUDY_PRESETS = {"study": RECIPES / "study.yaml", "study-gpu": RECIPES / "study-gpu.yaml",
-                 "gemma3": RECIPES / "gemma3.yaml"}
+                 "gemma3": RECIPES / "gemma3.yaml", "gemma3-gpu": RECIPES / "gemma3-gpu.yaml"}
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("out/demo"),
                         help="where every stage writes (default: out/demo)")
     parser.add_argument("--preset", choices=[*sorted(PRESETS), *STUDY_PRESETS], default="full",
-                        help="study, gemma3: the heal studies of recipes/demo/study.yaml and gemma3.yaml "
-                        "(python -m demo --preset study --help)")
+                        help="study, gemma3 (and their -gpu twins): the heal studies of recipes/demo/study.yaml and "
+                        "gemma3.yaml (python -m demo --preset study --help)")
     parser.add_argument("--force", action="store_true",
                         help="delete WORKDIR first and run every stage again (also a folder the demo did not write)")
     parser.add_argument("--cache-dir", type=Path,

@@ -1,7 +1,8 @@
 """The heal studies: every arm's heal curve on a real model, run in resumable parts. `--preset study` is the SmolLM2
 experiment (recipes/demo/study.yaml, results in docs/study/); `--preset study-gpu` is the same experiment on a GPU,
 more seeds and longer curves (recipes/demo/study-gpu.yaml, results in docs/study-gpu/); `--preset gemma3` is
-Gemma-3-270M (base) healed by continued pretraining (recipes/demo/gemma3.yaml, results in docs/gemma3/).
+Gemma-3-270M (base) healed by continued pretraining (recipes/demo/gemma3.yaml, results in docs/gemma3/), and
+`--preset gemma3-gpu` the same on a GPU (recipes/demo/gemma3-gpu.yaml, results in docs/gemma3-gpu/).
 
     python -m demo --preset study                         # runs what is not in docs/study yet
     python -m demo --preset study --budget-minutes 60     # start no new run after 60 minutes

@@ -42,7 +42,7 @@ def test_the_seed_recipes_are_found_by_kind():
     assert REPO / "recipes" / "e6b.yaml" in STACK_RECIPES
     assert REPO / "recipes" / "heal.yaml" in HEAL_RECIPES and REPO / "recipes" / "fisher.yaml" in FISHER_RECIPES
     assert REPO / "recipes" / "answers.yaml" in ANSWERS_RECIPES
-    studies = {"presets.yaml", "study.yaml", "study-gpu.yaml", "gemma3.yaml"}
+    studies = {"presets.yaml", "study.yaml", "study-gpu.yaml", "gemma3.yaml", "gemma3-gpu.yaml"}
     assert studies == {path.name for path, kind in RECIPES.items() if kind is None and "accelerate" not in path.parts}
 
 

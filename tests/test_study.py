@@ -681,6 +681,15 @@ def test_a_study_on_a_base_is_the_bases_recipe_with_its_own_keys_on_top(config, 
         study.load_study(STUDY_PRESETS["study-gpu"])
 
 
+def test_the_gemma3_gpu_study_is_gemma3s_on_the_gpu_in_float32(gemma3):
+    gpu = study.load_study(STUDY_PRESETS["gemma3-gpu"])
+    assert gpu.results_dir != gemma3.results_dir
+    assert gpu.heal == {**gemma3.heal, "use_cpu": False}
+    assert (gpu.arms, gpu.runs, gpu.plain_text, gpu.eval_steps) == (gemma3.arms, gemma3.runs, gemma3.plain_text,
+                                                                   gemma3.eval_steps)
+    assert list(gpu.evaluation) == [*gemma3.evaluation, "--dtype", "float32"]
+
+
 @pytest.mark.parametrize("base, named", [("nosuch.yaml", "'nosuch.yaml' is not a file"),
                                          ("study-gpu.yaml", "cycle")])
 def test_a_bad_base_is_refused_naming_it(tmp_path, monkeypatch, base, named):
