@@ -19,7 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.heal_bench import print_overhead, random_fisher, step_parser
 from heal.config import HealConfig
-from heal.ewc import FisherPenalty, plan_ewc
+from heal.ewc import FisherPenalty
+from heal.protection import plan_ewc
 
 SHAPE = dict(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)

@@ -27,7 +27,10 @@ DISTILL_TOKENS = ("loss", "all")  # which positions the KL counts: the label los
 # With protect: true, what is protected (heal/protection.py): coordinates, the highest-Fisher input and output
 # coordinates (masks); kfac, the leading eigenvectors of the K-FAC factors (projections, heal/kfac.py); ewc, nothing
 # held fixed: a soft Fisher penalty on the LoRA update joins the loss (heal/ewc.py).
-PROTECTIONS = ("coordinates", "kfac", "ewc")
+# The source statistics each protection reads (HealConfig.statistics_path): the diagonal Fisher (fisher.safetensors,
+# `make fisher`) or the K-FAC factors (fisher_factors.safetensors, `make fisher` with factors: true).
+PROTECTION_STATISTICS = {"coordinates": "fisher", "kfac": "factors", "ewc": "fisher"}
+PROTECTIONS = tuple(PROTECTION_STATISTICS)
 
 
 @dataclass(frozen=True)
@@ -103,17 +106,29 @@ class HealConfig:
             return Path(self.factors)
         return Path(self.fisher).parent / FACTORS_FILE if self.fisher is not None else None
 
+    @property
+    def reads_factors(self) -> bool:
+        """Whether the protection reads the K-FAC factors rather than the diagonal Fisher (PROTECTION_STATISTICS)."""
+        return PROTECTION_STATISTICS[self.protection] == "factors"
+
+    @property
+    def statistics_path(self) -> Path | None:
+        """The source statistics file the protection reads: the factors file (factors_path) or `fisher`."""
+        if self.reads_factors:
+            return self.factors_path
+        return Path(self.fisher) if self.fisher is not None else None
+
     def _check_protection(self):
         if self.protection not in PROTECTIONS:
             raise HealConfigError(f"protection must be one of {PROTECTIONS}, got {self.protection!r}")
-        if self.protect and self.protection == "kfac" and self.factors_path is None:
-            raise HealConfigError("protect: true with protection: kfac needs `factors:` (a "
+        if self.protect and self.statistics_path is None and self.reads_factors:
+            raise HealConfigError(f"protect: true with protection: {self.protection} needs `factors:` (a "
                                   "fisher_factors.safetensors) or `fisher:` (the factors file beside it is read); "
                                   "set protect: false to heal without protection")
-        if self.protect and self.protection != "kfac" and self.fisher is None:
+        if self.protect and self.statistics_path is None:
             raise HealConfigError("protect: true needs `fisher:` (a fisher.safetensors); "
                                   "set protect: false to heal without it")
-        if self.protect and self.protection != "kfac" and self.factors is not None:
+        if self.protect and not self.reads_factors and self.factors is not None:
             raise HealConfigError(f"`factors:` is set but protection is {self.protection!r}; set protection: kfac "
                                   "to protect with the K-FAC factors")
         for name in ("mass_share", "max_fraction", "kfac_energy_share", "kfac_max_fraction"):

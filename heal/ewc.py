@@ -5,8 +5,9 @@
 
 EWC-style (Kirkpatrick et al. 2017), with F̃ the source's diagonal Fisher mapped onto the slots (heal/protection.py
 `slot_fisher`) and divided by its mean over every entry of the penalised modules. Nothing is masked or baked: the
-update may move any entry, at a price. `plan_ewc` builds F̃, `FisherPenalty.attach` puts the penalty into the LoRA B
-factors' forward, and HealTrainer.compute_loss adds it to the loss.
+update may move any entry, at a price. `plan_ewc` (heal/protection.py, beside the other protections' planners)
+builds F̃, `FisherPenalty.attach` puts the penalty into the LoRA B factors' forward, and HealTrainer.compute_loss
+adds it to the loss.
 
 See docs/architecture.md, section "The soft Fisher penalty: `protection: ewc`".
 """
@@ -23,33 +24,9 @@ import torch
 from torch import nn
 
 from heal.config import HealConfig
-from heal.protection import PROTECTION_FILE, PenalisedModule, ProtectionError, lora_layers, save_protection
+from heal.protection import PROTECTION_FILE, PenalisedModule, lora_layers, save_protection
 
 logger = logging.getLogger(__name__)
-
-
-def plan_ewc(fisher: dict[str, torch.Tensor], module_names: list[str],
-             ewc_lambda: float) -> dict[str, PenalisedModule]:
-    """The penalty's entry of every module in `module_names` that has a slot Fisher (`fisher` keyed by weight name,
-    as slot_fisher returns it), with F̃ = F / mean(F) over every entry of those modules, in fp32.
-
-    The Fisher's absolute scale depends on the model and on the loss tokens per example (ℓ sums their
-    log-likelihoods), so λ could not carry over between heals with F itself; F̃ has mean 1 over the penalised
-    entries, so λ = 1 prices an average entry's squared change at 1, whatever the model or data."""
-    values = {module: fisher[f"{module}.weight"] for module in module_names if f"{module}.weight" in fisher}
-    if not values:
-        raise ProtectionError(f"protection: ewc, but none of the {len(module_names)} targeted module(s) has a source "
-                              "Fisher (grafted K/V, and later copies with first_copy_only, have none); target "
-                              "modules that hold a source layer's weights")
-    mean = sum(float(v.double().sum()) for v in values.values()) / sum(v.numel() for v in values.values())
-    if not mean > 0:
-        raise ProtectionError(f"protection: ewc: the Fisher of the {len(values)} targeted module(s) is zero "
-                              "everywhere, so it cannot be normalised; recompute the Fisher on data with loss tokens")
-    plan = {}
-    for module, v in values.items():
-        normalised = v.float() / mean
-        plan[module] = PenalisedModule(normalised, float(normalised.double().sum()), mean, ewc_lambda)
-    return plan
 
 
 def fisher_distance(lora_a: torch.Tensor, lora_b: torch.Tensor, fisher: torch.Tensor, scale: float) -> torch.Tensor:

@@ -24,16 +24,16 @@ from fisher.factors import FactorsFileError, load_factors
 from fisher.file import FisherFileError, check_fisher_values, read_fisher_metadata
 from heal.config import DISTILLATIONS, HealConfig, HealConfigError, load_config, recipe_parser
 from heal.distill import TeacherError, resolve_teacher
-from heal.ewc import plan_ewc
 from heal.kfac import SubspaceProtection
 from heal.protection import (
+    PLAN_ENTRIES,
     ModulePlan,
+    ModuleProtection,
     PenalisedModule,
     ProtectionError,
     check_fisher_provenance,
-    plan_kfac,
-    plan_protection,
     protected_modules,
+    protection_plan,
     slot_fisher,
 )
 from heal.targets import TargetError, explicit_targets, select_targets
@@ -172,24 +172,41 @@ class ProtectionSummary:
 
 
 def plan_module_protection(heal: HealConfig, manifest: StackManifest, targets: list[Target]) -> ProtectionSummary:
-    """heal/train.py's protection plan of the targets it protects (protect_modules), reading only the source Fisher
-    tensors they map to, or the K-FAC factors. The files are checked as the heal checks them (fisher/file.py,
-    fisher/factors.py, check_fisher_provenance), so a plan is never printed for a file the heal would refuse."""
-    from safetensors import safe_open
-
+    """heal/train.py's protection plan of the targets it protects (protect_modules), from the source statistics the
+    protection reads: only the Fisher tensors those targets map to, or the K-FAC factors. The files are checked as
+    the heal checks them (fisher/file.py, fisher/factors.py, check_fisher_provenance), so a plan is never printed for
+    a file the heal would refuse."""
     names = protected_modules([t.name for t in targets], heal.protect_modules)
     left_out = tuple(target.name for target in targets if target.name not in names)
-    targets = [target for target in targets if target.name in names]
-    if heal.protection == "kfac":
-        return ProtectionSummary(_kfac_plan(heal, manifest, targets), None, left_out)
+    shapes = {t.name: (t.out_features, t.in_features) for t in targets if t.name in names}
+    read = _read_factors if heal.reads_factors else _read_fisher
+    statistics = read(heal, manifest, shapes)
+    plan = protection_plan(statistics, manifest, shapes, heal)
+    mass = None
+    if PLAN_ENTRIES[heal.protection] is ModuleProtection:  # coordinates: each module's mass weighs its coverage
+        mapped = slot_fisher(statistics, manifest, heal.first_copy_only)
+        mass = {name: float(mapped[f"{name}.weight"].double().sum()) for name in plan}
+    return ProtectionSummary(plan, mass, left_out)
+
+
+def _read_factors(heal: HealConfig, manifest: StackManifest, shapes: dict[str, tuple[int, int]]) -> dict:
+    factors, metadata = load_factors(heal.factors_path)
+    check_fisher_provenance(heal.factors_path, metadata, Path(heal.stack) / MANIFEST_NAME, manifest,
+                            heal.fisher_allow_other_source)
+    return factors
+
+
+def _read_fisher(heal: HealConfig, manifest: StackManifest, shapes: dict[str, tuple[int, int]]) -> dict:
+    """The source Fisher tensors the modules in `shapes` map to, each checked for its shape and values."""
+    from safetensors import safe_open
+
     metadata = read_fisher_metadata(heal.fisher)
     check_fisher_provenance(heal.fisher, metadata, Path(heal.stack) / MANIFEST_NAME, manifest,
                             heal.fisher_allow_other_source)
-    needed = _source_fisher_names(manifest, targets)
+    fisher = {}
     with safe_open(heal.fisher, "pt") as f:
         available = set(f.keys())
-        fisher = {}
-        for source_name, expected in sorted(needed.items()):
+        for source_name, expected in sorted(_source_fisher_names(manifest, shapes).items()):
             if source_name not in available:
                 continue
             shape = tuple(f.get_slice(source_name).get_shape())
@@ -198,33 +215,21 @@ def plan_module_protection(heal: HealConfig, manifest: StackManifest, targets: l
                                       f"but the stack's slots hold {list(expected)}; it comes from another model")
             fisher[source_name] = f.get_tensor(source_name)
             check_fisher_values(source_name, fisher[source_name], heal.fisher)
-    slot_values = slot_fisher(fisher, manifest, heal.first_copy_only)
-    if heal.protection == "ewc":
-        return ProtectionSummary(plan_ewc(slot_values, [t.name for t in targets], heal.ewc_lambda), None, left_out)
-    plan = plan_protection(slot_values, [t.name for t in targets], heal.mass_share, heal.max_fraction)
-    mass = {name: float(slot_values[f"{name}.weight"].double().sum()) for name in plan}
-    return ProtectionSummary(plan, mass, left_out)
+    return fisher
 
 
-def _kfac_plan(heal: HealConfig, manifest: StackManifest, targets: list[Target]) -> dict[str, ModulePlan]:
-    factors, metadata = load_factors(heal.factors_path)
-    check_fisher_provenance(heal.factors_path, metadata, Path(heal.stack) / MANIFEST_NAME, manifest,
-                            heal.fisher_allow_other_source)
-    return plan_kfac(factors, manifest, {t.name: (t.out_features, t.in_features) for t in targets}, heal)
-
-
-def _source_fisher_names(manifest: StackManifest, targets: list[Target]) -> dict[str, tuple[int, int]]:
-    """Source-checkpoint weight name -> [out, in] for every target whose slot maps to a source layer
+def _source_fisher_names(manifest: StackManifest, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Source-checkpoint weight name -> [out, in] for every module in `shapes` whose slot maps to a source layer
     (grafted K/V excluded: their source layer had none)."""
     prefix = manifest.layer_prefix
     needed = {}
-    for target in targets:
-        if not target.name.startswith(prefix):
+    for name, shape in shapes.items():
+        if not name.startswith(prefix):
             continue
-        index, suffix = target.name[len(prefix):].split(".", 1)
+        index, suffix = name[len(prefix):].split(".", 1)
         slot = manifest.slots[int(index)]
         if not manifest.is_grafted_kv(slot, f"{suffix}.weight"):
-            needed[f"{prefix}{slot.source_layer}.{suffix}.weight"] = (target.out_features, target.in_features)
+            needed[f"{prefix}{slot.source_layer}.{suffix}.weight"] = shape
     return needed
 
 
@@ -356,11 +361,10 @@ def build_heal_plan(heal: HealConfig, sft, device: str = "cuda") -> HealPlan:
     protection, note = None, "protect: false"
     if heal.protect and manifest is None:
         note = "no stack.json: protection maps the source Fisher onto slots through it"
-    elif heal.protect and heal.protection == "kfac" and not heal.factors_path.is_file():
-        note = (f"the K-FAC factors file {heal.factors_path} is absent; run `make fisher` with factors: true to plan "
-                "the protection")
-    elif heal.protect and heal.protection != "kfac" and not Path(heal.fisher).is_file():
-        note = f"the Fisher file {heal.fisher} is absent; run `make fisher` to plan the protection"
+    elif heal.protect and not heal.statistics_path.is_file():
+        what, how = ("K-FAC factors", "`make fisher` with factors: true") if heal.reads_factors else (
+            "Fisher", "`make fisher`")
+        note = f"the {what} file {heal.statistics_path} is absent; run {how} to plan the protection"
     elif heal.protect:
         protection, note = plan_module_protection(heal, manifest, targets), ""
     return HealPlan(targets, model_shape(model), work, distill, protection, note)

@@ -1,8 +1,10 @@
 """Fisher-subspace protection: the LoRA update of a targeted Linear never moves the source model's
 high-Fisher directions. Two constructions (HealConfig.protection): `coordinates`, the highest-Fisher input and
 output coordinates (`plan_protection`, masks); `kfac`, the leading K-FAC eigen-directions (`plan_kfac`, projections,
-heal/kfac.py). `slot_fisher` maps the source's Fisher or factors onto the stack's slots, `attach` applies a plan
-inside the LoRA factors' forward, and `bake` applies it to the weights of the live model or a saved adapter.
+heal/kfac.py). A third, `ewc`, holds nothing fixed: `plan_ewc` weighs a penalty that heal/ewc.py adds to the loss.
+`PLANNERS` picks a heal's planner; `slot_fisher` maps the source's Fisher or factors onto the stack's slots, `attach`
+applies a plan inside the LoRA factors' forward, and `bake` applies it to the weights of the live model or a saved
+adapter.
 
 See docs/architecture.md, section "The heal (`heal/`)".
 """
@@ -262,6 +264,33 @@ def plan_protection(fisher: dict[str, torch.Tensor], module_names: list[str], ma
     return plan
 
 
+# ---- which penalty weights -----------------------------------------------------------------------------------
+
+
+def plan_ewc(fisher: dict[str, torch.Tensor], module_names: list[str],
+             ewc_lambda: float) -> dict[str, PenalisedModule]:
+    """The penalty's entry of every module in `module_names` that has a slot Fisher (`fisher` keyed by weight name,
+    as slot_fisher returns it), with F̃ = F / mean(F) over every entry of those modules, in fp32.
+
+    The Fisher's absolute scale depends on the model and on the loss tokens per example (ℓ sums their
+    log-likelihoods), so λ could not carry over between heals with F itself; F̃ has mean 1 over the penalised
+    entries, so λ = 1 prices an average entry's squared change at 1, whatever the model or data."""
+    values = {module: fisher[f"{module}.weight"] for module in module_names if f"{module}.weight" in fisher}
+    if not values:
+        raise ProtectionError(f"protection: ewc, but none of the {len(module_names)} targeted module(s) has a source "
+                              "Fisher (grafted K/V, and later copies with first_copy_only, have none); target "
+                              "modules that hold a source layer's weights")
+    mean = sum(float(v.double().sum()) for v in values.values()) / sum(v.numel() for v in values.values())
+    if not mean > 0:
+        raise ProtectionError(f"protection: ewc: the Fisher of the {len(values)} targeted module(s) is zero "
+                              "everywhere, so it cannot be normalised; recompute the Fisher on data with loss tokens")
+    plan = {}
+    for module, v in values.items():
+        normalised = v.float() / mean
+        plan[module] = PenalisedModule(normalised, float(normalised.double().sum()), mean, ewc_lambda)
+    return plan
+
+
 # ---- which eigen-directions ------------------------------------------------------------------------------------
 
 
@@ -334,6 +363,32 @@ def _warn_short_bases(factors: dict[str, ModuleFactors], energy_share: float) ->
         logger.warning("kfac_energy_share %s is more than the stored K-FAC basis holds for %d module side(s), "
                        "protected with every stored vector instead: %s. Recompute the factors with a larger "
                        "factor_energy_share or factor_max_rank", energy_share, len(short), ", ".join(short))
+
+
+# ---- a protection's plan, by HealConfig.protection --------------------------------------------------------------
+
+
+def _plan_coordinates(fisher: dict[str, torch.Tensor], manifest: StackManifest, shapes: dict[str, tuple[int, int]],
+                      heal: HealConfig) -> dict[str, ModuleProtection]:
+    return plan_protection(slot_fisher(fisher, manifest, heal.first_copy_only), list(shapes), heal.mass_share,
+                           heal.max_fraction)
+
+
+def _plan_ewc(fisher: dict[str, torch.Tensor], manifest: StackManifest, shapes: dict[str, tuple[int, int]],
+              heal: HealConfig) -> dict[str, PenalisedModule]:
+    return plan_ewc(slot_fisher(fisher, manifest, heal.first_copy_only), list(shapes), heal.ewc_lambda)
+
+
+# Each planner takes the source statistics that HealConfig.statistics_path reads (the diagonal Fisher by weight name,
+# or the K-FAC factors by module name), the stack manifest that maps them onto the slots, the protected modules'
+# [out, in] by name, and the HealConfig.
+PLANNERS = {"coordinates": _plan_coordinates, "kfac": plan_kfac, "ewc": _plan_ewc}
+
+
+def protection_plan(statistics: dict, manifest: StackManifest, shapes: dict[str, tuple[int, int]],
+                    heal: HealConfig) -> dict[str, ModulePlan]:
+    """The plan of the modules in `shapes` under heal.protection (PLANNERS), from the source statistics it reads."""
+    return PLANNERS[heal.protection](statistics, manifest, shapes, heal)
 
 
 # ---- enforcing it on PEFT LoRA layers ----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from heal.distill import (
     load_teacher,
     resolve_teacher,
 )
-from heal.ewc import FisherPenalty, plan_ewc
+from heal.ewc import FisherPenalty
 from heal.protection import (
     PROTECTION_FILE,
     ModulePlan,
@@ -47,10 +47,8 @@ from heal.protection import (
     check_fisher_provenance,
     load_protection,
     plan_difference,
-    plan_kfac,
-    plan_protection,
     protected_modules,
-    slot_fisher,
+    protection_plan,
 )
 from heal.targets import TargetError, explicit_targets, select_targets, target_slots
 from heal.trainer import HealTrainer
@@ -179,16 +177,10 @@ def _build_protection(heal: HealConfig, manifest: StackManifest, model, groups: 
     """The plan of the targeted modules it protects (protect_modules): their protected coordinates from the
     Fisher, their protected bases from the K-FAC factors, or their normalised Fisher for the penalty (ewc), mapped
     onto the stack's slots; a resumed checkpoint must have been trained under the same plan."""
-    modules = protected_modules(list(groups), heal.protect_modules)
-    if heal.protection == "kfac":
-        plan = plan_kfac(fisher, manifest, _shapes(model, modules), heal)
-    else:
+    if not heal.reads_factors:  # the factors were checked against the stack as they loaded (_factors)
         check_fisher_matches(fisher, _source_shapes(model, manifest), manifest.source.model)
-        mapped = slot_fisher(fisher, manifest, heal.first_copy_only)
-        if heal.protection == "ewc":
-            plan = plan_ewc(mapped, modules, heal.ewc_lambda)
-        else:
-            plan = plan_protection(mapped, modules, heal.mass_share, heal.max_fraction)
+    plan = protection_plan(fisher, manifest, _shapes(model, protected_modules(list(groups), heal.protect_modules)),
+                           heal)
     _check_resume_plan(checkpoint, plan)
     shapes = _shapes(model, plan)
     for name, protection in plan.items():
@@ -372,7 +364,7 @@ def _check_stack_data(stack_dir: Path) -> None:
 def _fisher(heal: HealConfig, stack_dir: Path, manifest: StackManifest) -> dict:
     """The Fisher tensors (protection: coordinates) or its K-FAC factors (kfac), checked before any model loads:
     format_version, values, and computed on the stack's source checkpoint (shard hashes)."""
-    if heal.protection == "kfac":
+    if heal.reads_factors:
         return _factors(heal, stack_dir, manifest)
     tensors, metadata = load_fisher(heal.fisher)
     check_fisher_provenance(heal.fisher, metadata, stack_dir / MANIFEST_NAME, manifest, heal.fisher_allow_other_source)

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from core.cards import CARD_NAME
 from heal.config import HealConfig, HealConfigError
-from heal.ewc import FisherPenalty, plan_ewc
-from heal.protection import PROTECTION_FILE, ProtectionError, load_protection, slot_fisher
+from heal.ewc import FisherPenalty
+from heal.protection import PROTECTION_FILE, ProtectionError, load_protection, plan_ewc, slot_fisher
 from heal.train import main
 from stack.manifest import load_manifest
 
