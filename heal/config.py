@@ -121,13 +121,12 @@ class HealConfig:
     def _check_protection(self):
         if self.protection not in PROTECTIONS:
             raise HealConfigError(f"protection must be one of {PROTECTIONS}, got {self.protection!r}")
-        if self.protect and self.statistics_path is None and self.reads_factors:
-            raise HealConfigError(f"protect: true with protection: {self.protection} needs `factors:` (a "
-                                  "fisher_factors.safetensors) or `fisher:` (the factors file beside it is read); "
-                                  "set protect: false to heal without protection")
         if self.protect and self.statistics_path is None:
-            raise HealConfigError("protect: true needs `fisher:` (a fisher.safetensors); "
-                                  "set protect: false to heal without it")
+            raise HealConfigError(
+                f"protect: true with protection: {self.protection} needs `factors:` (a fisher_factors.safetensors) "
+                "or `fisher:` (the factors file beside it is read); set protect: false to heal without protection"
+                if self.reads_factors else
+                "protect: true needs `fisher:` (a fisher.safetensors); set protect: false to heal without it")
         if self.protect and not self.reads_factors and self.factors is not None:
             raise HealConfigError(f"`factors:` is set but protection is {self.protection!r}; set protection: kfac "
                                   "to protect with the K-FAC factors")

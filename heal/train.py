@@ -362,7 +362,7 @@ def _check_stack_data(stack_dir: Path) -> None:
 
 
 def _fisher(heal: HealConfig, stack_dir: Path, manifest: StackManifest) -> dict:
-    """The Fisher tensors (protection: coordinates) or its K-FAC factors (kfac), checked before any model loads:
+    """The Fisher tensors (protection: coordinates, ewc) or its K-FAC factors (kfac), checked before any model loads:
     format_version, values, and computed on the stack's source checkpoint (shard hashes)."""
     if heal.reads_factors:
         return _factors(heal, stack_dir, manifest)

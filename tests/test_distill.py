@@ -389,8 +389,9 @@ def test_onpolicy_heals_end_to_end_adapters_train_and_the_stack_is_untouched(tin
 
 
 @pytest.mark.parametrize("draws", ["seeded per step", "one stream"])
-def test_an_onpolicy_heal_resumed_to_more_steps_equals_the_longer_heal(identity_and_rewind, prompts_and_completions,
-                                                                       tmp_path, monkeypatch, draws):
+def test_an_onpolicy_heal_resumed_from_its_checkpoint_equals_the_uninterrupted_one(identity_and_rewind,
+                                                                                   prompts_and_completions, tmp_path,
+                                                                                   monkeypatch, draws):
     """Half the micro-batches on-policy (lmbda 0.5), sampled at temperature 1: a 4-step heal resumed from its own
     step-2 checkpoint draws the same micro-batches on-policy as it did, and samples the same completions (the Trainer
     restores the RNG), so the adapters are equal bit for bit. Negative control: draws from one seeded stream restart
