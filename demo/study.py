@@ -42,9 +42,10 @@ from demo.run import RECIPES, REPO, SOURCE_NAME, STUDY_PRESETS, _run, _write_rec
 logger = logging.getLogger("demo.study")
 
 STUDY_RECIPE = STUDY_PRESETS["study"]
-# What an arm trains on: the demo's answers (instruct), the source's own (greedy, sampled: ANSWER_KINDS), or plain
-# text passages with the loss on every token (text: continued pretraining).
-DATA_KINDS = ("instruct", "greedy", "sampled", "text")
+# What an arm trains on: the demo's answers (instruct), the source's own (greedy, sampled: ANSWER_KINDS), plain
+# text passages with the loss on every token (text: continued pretraining), or both (mix: chat rows written out by
+# the source's chat template as plain text, alternating with passages, every token trained on; mix_rows).
+DATA_KINDS = ("instruct", "greedy", "sampled", "text", "mix")
 ANSWER_KINDS = ("greedy", "sampled")
 
 
@@ -375,6 +376,22 @@ class Workspace:
         """The first num_train_prompts rows of text_train.jsonl: plain text, the loss on every token (CPT)."""
         return self._first_rows("text_train.jsonl", f"train-text-{self.config.num_train_prompts}.jsonl")
 
+    def train_mix(self) -> Path:
+        """num_train_prompts text rows: the first half of train_prompts' conversations, each written out by the
+        source's chat template, alternating with the first half of train_passages (mix_rows)."""
+        from transformers import AutoTokenizer
+
+        count = self.config.num_train_prompts
+        path = self.workdir / f"train-mix-{count}.jsonl"
+        if not path.is_file():
+            tokenizer = AutoTokenizer.from_pretrained(self.source)
+            chats = [row["prompt"] + row["completion"] for row in read_jsonl(self.train_prompts())]
+            passages = [row["text"] for row in read_jsonl(self.train_passages())]
+            rows = mix_rows(chats[: (count + 1) // 2], passages[: count // 2],
+                            lambda messages: tokenizer.apply_chat_template(messages, tokenize=False))
+            write_file_atomic(path, "".join(json.dumps({"text": text}) + "\n" for text in rows))
+        return path
+
     def _first_rows(self, data_file: str, name: str) -> Path:
         path = self.workdir / name
         if not path.is_file():
@@ -387,6 +404,8 @@ class Workspace:
             return self.train_prompts()
         if kind == "text":
             return self.train_passages()
+        if kind == "mix":
+            return self.train_mix()
         out = self.keyed(f"answers-{kind}", answers_key(self.config, kind, self.data_hashes))
         if not (out / "answers.jsonl").is_file():
             self.run_stage(out, "-m", "heal.answers", "--model", self.source, "--data", self.train_prompts(),
@@ -449,6 +468,16 @@ class Workspace:
                            *[f for name, path in models.items() for f in ("--model", f"{name}={path}")],
                            *flags, "--out", out, "--force")
         return json.loads((out / "eval.json").read_text())
+
+
+def mix_rows(chats: list[list[dict]], passages: list[str], render: Callable[[list[dict]], str]) -> list[str]:
+    """Chat rows and passages alternating, a chat row first: each conversation as the text its chat template makes
+    (render), so that one text dataset holds both (SFTTrainer trains on one format at a time) and a distillation
+    on it takes the KL on every token of both."""
+    rendered = [render(messages) for messages in chats]
+    mixed = [row for pair in zip(rendered, passages) for row in pair]
+    shorter = min(len(rendered), len(passages))
+    return mixed + rendered[shorter:] + passages[shorter:]
 
 
 def passage_openings(passages: list[str], words: int) -> list[dict]:

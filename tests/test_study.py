@@ -217,6 +217,38 @@ def test_the_gemma3_runs_train_on_text_and_are_evaluated_as_a_base_model(gemma3,
         "--text", str(chat.data / "text_heldout.jsonl")]
 
 
+def test_the_mix_rows_are_conversations_in_the_source_chat_template_alternating_with_passages(config, tiny_e4b,
+                                                                                              tmp_path):
+    """mix-distill's rows: half of the training conversations, each the exact text the source's chat template makes
+    (so its special tokens and roles are what the evaluation's chat rows hold), alternating with half of the
+    passages; the held-out passages never appear."""
+    from transformers import AutoTokenizer
+
+    space = study.Workspace(tmp_path / "study", config, tmp_path / "cache")
+    space.source = tiny_e4b
+    count = config.num_train_prompts
+    passages = [f"passage {i}\nits second line" for i in range(count + 3)]
+    _data_folder(space, passages)
+    chats = [{"prompt": [{"role": "user", "content": f"question {i}"}],
+              "completion": [{"role": "assistant", "content": f"answer {i}"}]} for i in range(count + 3)]
+    (space.data / "instruct_train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chats))
+    (space.data / "text_heldout.jsonl").write_text(json.dumps({"text": "held out", "work": "h"}) + "\n")
+    assert config.arms["mix-distill"].data == "mix" and config.arms["mix-distill"].heal["objective"] == "distill"
+
+    rows = [json.loads(line)["text"] for line in space.train_data("mix").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_e4b)
+    rendered = [tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+                for row in chats[: count // 2]]
+    assert len(rows) == count and rows[0::2] == rendered and rows[1::2] == passages[: count // 2]
+    assert "question 0" in rows[0] and "answer 0" in rows[0] and rows[0] != json.dumps(chats[0])
+    assert not any("held out" in row for row in rows)
+
+
+def test_mix_rows_alternate_and_keep_the_longer_lists_tail():
+    assert study.mix_rows([["a"], ["b"]], ["p", "q", "r"], render="".join) == ["a", "p", "b", "q", "r"]
+    assert study.mix_rows([["a"], ["b"]], [], render="".join) == ["a", "b"]
+
+
 def test_a_passage_opening_is_its_first_words_with_its_line_breaks():
     openings = study.passage_openings(["one two\nthree four five", "a b"], words=3)
     assert openings == [{"text": "a b"}, {"text": "one two\nthree"}]  # the last passage first
