@@ -768,9 +768,10 @@ def make_input(space: Workspace, name: str) -> None:
 def run_parallel(config: StudyConfig, workdir: Path, budget_minutes: float, cache_dir: Path | None, preset: str,
                  jobs: int) -> list[str]:
     """run_study's parts in up to `jobs` study processes at once, one work unit each (`--only`), for a machine with
-    room for several: one GPU holds many of these small heals, each process mostly Python overhead. This process
-    makes a unit's shared inputs (answers, Fisher) just before starting it, while the others run. No unit starts
-    after `budget_minutes`; each process's log is WORKDIR/logs/<first part>.log. Returns the labels still missing."""
+    room for several: one GPU holds many of these small heals, each process mostly Python overhead. The units start
+    in the YAML's order, except that one whose shared inputs (answers, Fisher) are still being made (SharedInputs,
+    one at a time, beside the runs) lets the next ready unit take its place. No unit starts after `budget_minutes`;
+    each process's log is WORKDIR/logs/<first part>.log. Returns the labels still missing."""
     start = time.monotonic()
     space = Workspace(workdir, config, cache_dir)
     data_hashes = space.prepare()
@@ -781,39 +782,71 @@ def run_parallel(config: StudyConfig, workdir: Path, budget_minutes: float, cach
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     running: dict[subprocess.Popen, tuple[list[str], float]] = {}
-    failed_inputs: set[str] = set()
+    inputs = SharedInputs(space)
     while queue or running:
         elapsed = (time.monotonic() - start) / 60
         if queue and elapsed > budget_minutes:
             logger.info("budget spent: %d work units not started", len(queue))
             queue.clear()
-        if queue and len(running) < jobs:
-            unit = queue.pop(0)
-            if _inputs_made(space, unit, failed_inputs):
-                running[_start_unit(unit, preset, workdir, budget_minutes - elapsed, cache_dir, logs)] = (
-                    unit, time.monotonic())
+        unit = next_ready_unit(queue, inputs) if len(running) < jobs else None
+        if unit is not None:
+            running[_start_unit(unit, preset, workdir, budget_minutes - elapsed, cache_dir, logs)] = (
+                unit, time.monotonic())
             continue
         for process in [process for process in running if process.poll() is not None]:
             unit, started = running.pop(process)
             log = logger.info if process.returncode == 0 else logger.error
             log("finished %s in %.0f s, exit code %d", ",".join(unit), time.monotonic() - started, process.returncode)
         time.sleep(2)
+    inputs.close()
     return [part.label for part in pending if not is_stored(config, part)]
 
 
-def _inputs_made(space: Workspace, unit: list[str], failed: set[str]) -> bool:
-    """Makes the unit's shared inputs here, while the other units run. One that fails (its stage's error is in the
-    log above) is not tried again: the units that need it are skipped, and the others go on."""
-    for name in unit_inputs(space.config, unit):
-        if name not in failed:
-            try:
-                make_input(space, name)
-            except SystemExit:  # demo.run._run: the stage exited non-zero
-                failed.add(name)
-        if name in failed:
-            logger.error("skipped %s: its input %r failed", ",".join(unit), name)
-            return False
-    return True
+MADE_AT_ONCE_S = 1.0  # how long a first ask waits for its input: make_input returns in milliseconds when it exists
+
+
+class SharedInputs:
+    """The units' shared inputs (unit_inputs), each made once by make_input in one thread of this process, in the
+    order the units first ask for them, while the runs go on. An input whose stage fails (its error is in the log)
+    is not made again: the units that need it are skipped."""
+
+    def __init__(self, space: Workspace):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.space = space
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="study-inputs")
+        self.jobs: dict = {}  # input name -> its Future
+
+    def state(self, name: str) -> str:
+        """"ready", "making" (asked for now if it was not yet) or "failed"."""
+        from concurrent.futures import wait
+
+        if name not in self.jobs:
+            self.jobs[name] = self.pool.submit(make_input, self.space, name)
+            wait([self.jobs[name]], timeout=MADE_AT_ONCE_S)  # one already on disk is ready now, its unit not passed
+        job = self.jobs[name]
+        if not job.done():
+            return "making"
+        return "ready" if job.exception() is None else "failed"  # a failed stage raises SystemExit (demo.run._run)
+
+    def close(self) -> None:
+        """Make nothing more; an input being made is finished (the next run reuses it)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def next_ready_unit(queue: list[list[str]], inputs: SharedInputs) -> list[str] | None:
+    """The first unit of `queue` whose inputs are all made, taken out of it; the units that need a failed input
+    are dropped (logged). Every input a waiting unit needs is asked for, so it is made while the others run."""
+    for unit in list(queue):
+        states = {name: inputs.state(name) for name in unit_inputs(inputs.space.config, unit)}
+        if "failed" in states.values():
+            logger.error("skipped %s: its input %s failed", ",".join(unit),
+                         ", ".join(repr(name) for name, state in states.items() if state == "failed"))
+            queue.remove(unit)
+        elif "making" not in states.values():
+            queue.remove(unit)
+            return unit
+    return None
 
 
 def _start_unit(unit: list[str], preset: str, workdir: Path, budget_minutes: float, cache_dir: Path | None,

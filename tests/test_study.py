@@ -8,6 +8,8 @@ import dataclasses
 import json
 import math
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -762,6 +764,20 @@ def test_a_unit_needs_the_answers_and_the_fisher_of_its_runs(config):
     assert study.unit_inputs(config, ["sft-s0", *study.SHARED_PARTS]) == []
 
 
+def _units_started(queue: list[list[str]], inputs: "study.SharedInputs", until) -> list[list[str]]:
+    """next_ready_unit as run_parallel calls it when a slot is free, polled (as its loop does) until `until()`."""
+    started = []
+    for _ in range(3000):  # 30 s at most
+        unit = study.next_ready_unit(queue, inputs)
+        if unit is not None:
+            started.append(unit)
+        elif until():
+            return started
+        else:
+            time.sleep(0.01)
+    raise AssertionError(f"still waiting: {queue}, started {started}")
+
+
 def test_an_input_that_fails_skips_the_units_that_need_it_once(config, tmp_path, monkeypatch):
     """The Fisher stage fails (it did, on a GPU): every unit that needs it is skipped, the stage is not run again
     for each of them, and the units that do not need it start."""
@@ -773,8 +789,34 @@ def test_an_input_that_fails_skips_the_units_that_need_it_once(config, tmp_path,
             raise SystemExit(1)
 
     monkeypatch.setattr(study, "make_input", make_input)
-    space, failed = study.Workspace(tmp_path / "study", config, tmp_path / "cache"), set()
-    started = [unit for unit in (["sft+fisher-s0"], ["self-distill+fisher-s0"], ["self-distill-s1"], ["sft-s1"])
-               if study._inputs_made(space, unit, failed)]
-    assert started == [["self-distill-s1"], ["sft-s1"]] and failed == {"fisher"}
-    assert made == ["fisher", "greedy", "greedy"]
+    inputs = study.SharedInputs(study.Workspace(tmp_path / "study", config, tmp_path / "cache"))
+    queue = [["sft+fisher-s0"], ["self-distill+fisher-s0"], ["self-distill-s1"], ["sft-s1"]]
+    started = _units_started(queue, inputs, until=lambda: not queue)
+    inputs.close()
+    assert started == [["self-distill-s1"], ["sft-s1"]] and inputs.state("fisher") == "failed"
+    assert made == ["fisher", "greedy"]  # each input made once, in the order the units asked for them
+
+
+def test_a_unit_waiting_for_its_input_lets_the_next_ready_one_start(config, tmp_path, monkeypatch):
+    """While the Fisher is being made (210 s on the GPU), the units that do not need it start in the YAML's order,
+    and the Fisher's units once it is made; when nothing is being made, the queue's order holds."""
+    fisher_made = threading.Event()
+
+    def make_input(space, name):
+        if name == "fisher":
+            assert fisher_made.wait(timeout=10)
+
+    monkeypatch.setattr(study, "make_input", make_input)
+    inputs = study.SharedInputs(study.Workspace(tmp_path / "study", config, tmp_path / "cache"))
+    queue = [["sft+fisher-s0"], ["sft-s1"], ["sft+kfac-50-s0"], ["distill-s1"]]
+    waiting = _units_started(queue, inputs, until=lambda: queue == [["sft+fisher-s0"], ["sft+kfac-50-s0"]])
+    assert waiting == [["sft-s1"], ["distill-s1"]] and inputs.state("fisher") == "making"
+    fisher_made.set()
+    assert _units_started(queue, inputs, until=lambda: not queue) == [["sft+fisher-s0"], ["sft+kfac-50-s0"]]
+    inputs.close()
+
+    # An input already made (the stage returns at once) holds nothing back: the units start in the queue's order.
+    in_order, made = [["sft+fisher-s0"], ["sft-s1"], ["sft+kfac-50-s0"]], study.SharedInputs(inputs.space)
+    queue = list(in_order)
+    assert _units_started(queue, made, until=lambda: not queue) == in_order
+    made.close()
