@@ -388,7 +388,7 @@ class Workspace:
             chats = [row["prompt"] + row["completion"] for row in read_jsonl(self.train_prompts())]
             passages = [row["text"] for row in read_jsonl(self.train_passages())]
             rows = mix_rows(chats[: (count + 1) // 2], passages[: count // 2],
-                            lambda messages: tokenizer.apply_chat_template(messages, tokenize=False))
+                            lambda messages: chat_text(tokenizer, messages))
             write_file_atomic(path, "".join(json.dumps({"text": text}) + "\n" for text in rows))
         return path
 
@@ -478,6 +478,15 @@ def mix_rows(chats: list[list[dict]], passages: list[str], render: Callable[[lis
     mixed = [row for pair in zip(rendered, passages) for row in pair]
     shorter = min(len(rendered), len(passages))
     return mixed + rendered[shorter:] + passages[shorter:]
+
+
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """The conversation as its chat template writes it, for a text row. TRL encodes a text row with the tokenizer's
+    special tokens, so a template that writes the BOS itself (Gemma's) is given without it when the tokenizer also
+    adds one: the row then starts with one BOS, as the evaluation's chat rows do (template ids, no special tokens)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    adds_bos = tokenizer.bos_token is not None and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]
+    return text.removeprefix(tokenizer.bos_token) if adds_bos else text
 
 
 def passage_openings(passages: list[str], words: int) -> list[dict]:

@@ -246,6 +246,32 @@ def test_the_mix_rows_are_conversations_in_the_source_chat_template_alternating_
     assert not any("held out" in row for row in rows)
 
 
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_a_chat_text_row_starts_with_the_one_bos_the_evaluation_reads(adds_bos, tmp_path):
+    """Gemma's chat template writes <bos>, and its tokenizer adds one to every text it encodes (as TRL encodes a text
+    row): chat_text leaves the template's out, so the row's ids are the template's own ids, which the evaluation's
+    chat rows hold. A tokenizer that adds none (SmolLM2's, whose bos_token opens its template) keeps the template's
+    text. The negative control: the template's text as it is, encoded like a row, starts with two BOS."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from stack.tiny import CHAT_TEMPLATE, save_tiny_tokenizer
+
+    save_tiny_tokenizer(tmp_path, 64)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    tokenizer.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    if adds_bos:
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)])
+    messages = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    template_ids = tokenizer(rendered, add_special_tokens=False).input_ids  # evaluation.inputs.chat_ids
+
+    row_ids = tokenizer(study.chat_text(tokenizer, messages)).input_ids
+    assert row_ids == template_ids and row_ids.count(tokenizer.bos_token_id) == 1
+    assert (tokenizer(rendered).input_ids[:2] == [tokenizer.bos_token_id] * 2) == adds_bos
+
+
 def test_mix_rows_alternate_and_keep_the_longer_lists_tail():
     assert study.mix_rows([["a"], ["b"]], ["p", "q", "r"], render="".join) == ["a", "p", "b", "q", "r"]
     assert study.mix_rows([["a"], ["b"]], [], render="".join) == ["a", "b"]
