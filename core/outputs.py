@@ -33,6 +33,7 @@ STAGES = {
     "answers": "python -m heal.answers",
     "demo-data": "python -m demo.data",
     "demo-results": "python -m demo",
+    "protection-report": "python -m demo.protection_report",
     "demo": "python -m demo",  # the demo's work folder: marked when the demo starts, since it fills it stage by stage
 }
 

@@ -457,7 +457,7 @@ EQUAL_QUALITY_METHOD = (
     "not. Bold where the interval excludes 0.")
 
 
-def _protection_section(points: dict[str, list[dict]], raw: dict, runs: list[dict],
+def protection_section(points: dict[str, list[dict]], raw: dict, runs: list[dict],
                         instructions: dict[str, dict]) -> list[str]:
     """Each protected arm against its unprotected twin: at equal loop rate, then at equal steps. Nothing when no
     protected arm has its twin's results."""
@@ -531,7 +531,7 @@ def write_study_report(config, results_dir: Path, preset: str = "study") -> Path
         "",
         *_differences(points, BEST_ARM),
         "",
-        *_protection_section(points, refs["raw"], runs, instructions),
+        *protection_section(points, refs["raw"], runs, instructions),
         *_arms_section(points, refs["raw"]),
         *_instruction_table(config, instructions),
         *_task_table(baseline, runs),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from demo import study, study_report
+from demo import protection_report, study, study_report
 from demo.run import STUDY_PRESETS, study_preset
 from heal.config import load_config
 
@@ -586,15 +586,69 @@ def test_the_equal_quality_sections_are_left_out_without_the_arms_they_compare(t
                                           "self-distill+kfac-50": {50: (0.5, 0.3)}})
     baseline, runs = study_report.load_results(tmp_path)
     points, raw = study_report.arm_points(runs), study_report.reference_points(baseline)["raw"]
-    assert study_report._protection_section({"sft": points["sft"], "self-distill": points["self-distill"]}, raw,
+    assert study_report.protection_section({"sft": points["sft"], "self-distill": points["self-distill"]}, raw,
                                             runs, {}) == []
     # A protected arm whose twin has no results yet is not compared.
-    assert study_report._protection_section({"sft": points["sft"],
+    assert study_report.protection_section({"sft": points["sft"],
                                              "self-distill+kfac-50": points["self-distill+kfac-50"]}, raw,
                                             runs, {}) == []
     assert study_report._arms_section({"sft": points["sft"]}, raw) == []
     assert study_report._arms_section({"self-distill": points["self-distill"]}, raw) == []
     assert study_report._arms_section(points, raw)[0] == "## Arms at equal quality"
+
+
+# ---- the protections' page, pooled from both result sets (demo/protection_report.py) -------------------------
+
+
+def _two_result_sets(tmp_path: Path, shared_kl: float = 0.5) -> tuple[Path, Path]:
+    """gpu/: the baseline and sft at seeds 0 and 1; cpu/: the same baseline and sft-s0 (its step-100 KL
+    `shared_kl`, gpu's being 0.5) with the protected sft+kfac-50, 0.3 below sft in KL at every checkpoint."""
+    gpu, cpu = tmp_path / "gpu", tmp_path / "cpu"
+    _write_equal_quality_study(gpu, {"sft": {50: (0.5, 0.6), 100: (0.25, 0.5)}})
+    study.write_result(gpu / "runs", "sft-s1", _run("sft", 1, {50: _curve_items(0.5, 0.6, 4.0),
+                                                                100: _curve_items(0.25, 0.5, 4.0)}))
+    _write_equal_quality_study(cpu, {"sft": {50: (0.5, 0.6), 100: (0.25, shared_kl)},
+                                     "sft+kfac-50": {50: (0.5, 0.3), 100: (0.25, 0.2)}})
+    return gpu, cpu
+
+
+def test_the_protection_page_pairs_a_protected_arm_with_its_twins_seeds_from_the_other_result_set(tmp_path):
+    """sft+kfac-50 (cpu/) against sft's two seeds (gpu/); sft-s0, stored in both, counts once."""
+    gpu, cpu = _two_result_sets(tmp_path)
+    out = tmp_path / "page"
+    lines = protection_report.write_protection_report([gpu, cpu], out).read_text().splitlines()
+    assert "| sft | 0,1 | gpu |" in lines and "| sft+kfac-50 | 0 | cpu |" in lines
+    assert any(line.startswith("| sft+kfac-50 | sft | 0.25 | 0.5 | 0.2 |") and "**-0.300 [" in line for line in lines)
+    # The baseline and sft-s0 are stored twice, and agree exactly.
+    assert any("The 2 results stored in more than one set agree item for item within 0.0e+00" in line
+               for line in lines)
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".page.partial*"))
+
+
+@pytest.mark.parametrize("shared_kl, pooled", [(0.5 * (1 + 1e-5), True), (0.5 * 1.01, False)])
+def test_result_sets_that_disagree_on_a_run_both_stored_are_not_pooled(tmp_path, shared_kl, pooled):
+    """Within the tolerance (float32 reduction order) the sets pool; 1% apart on one KL item, the page is refused,
+    naming the run, model and metric, and the previous page is left as it was."""
+    gpu, cpu = _two_result_sets(tmp_path, shared_kl)
+    out = tmp_path / "page"
+    out.mkdir()
+    (out / "README.md").write_text("the previous page\n")
+    if pooled:
+        protection_report.write_protection_report([gpu, cpu], out)
+        assert "sft+kfac-50" in (out / "README.md").read_text()
+        return
+    refused = r"run 'sft-s0', model 'step100', metric 'kl_to_reference', item 0: 5 in .*gpu but 5.05 in .*cpu"
+    with pytest.raises(protection_report.PoolingError, match=refused):
+        protection_report.write_protection_report([gpu, cpu], out)
+    assert (out / "README.md").read_text() == "the previous page\n"
+
+
+def test_the_protection_page_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "mine.md").write_text("keep me\n")
+    assert protection_report.main(["--out", str(out)]) == 2
+    assert [path.name for path in out.iterdir()] == ["mine.md"]
 
 
 # ---- the demo's presets (recipes/demo/presets.yaml) --------------------------------------------------------
