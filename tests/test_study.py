@@ -830,7 +830,7 @@ def test_a_work_unit_keeps_a_curve_with_the_runs_that_continue_it():
     assert units[0] == list(study.SHARED_PARTS)
     assert ["distill-s0", "distill-400-s0", "distill-800-s0"] in units
     assert ["self-distill-s0", "self-distill-400-s0", "self-distill-800-s0"] in units
-    assert ["distill-s1"] in units and ["self-distill+fisher-s0"] in units  # another seed, another arm: alone
+    assert ["distill-s1"] in units and ["distill+fisher-s0"] in units  # another seed, another arm: alone
     assert sorted(name for unit in units for name in unit) == sorted(names)
     # Under a rate that depends on max_steps a longer run shares nothing with the shorter one: every run alone.
     cosine = dataclasses.replace(gpu, heal={**gpu.heal, "lr_scheduler_type": "cosine"})
